@@ -1,0 +1,98 @@
+"""One onnxruntime session with the model's contract: used by the agent and by the host validator."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .contract import Contract
+from .errors import ModelError, UsageError
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError("onnxruntime is not installed in this Python.",
+                         "Install it: python3 -m pip install onnxruntime (on a Jetson, NVIDIA's "
+                         "onnxruntime-gpu wheel for your JetPack).")
+    return onnxruntime
+
+
+def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
+    """Provider names in priority order; default: CUDA when this onnxruntime has it, then CPU."""
+    available = _ort().get_available_providers()
+    if not requested:
+        wanted = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+        return wanted + ["CPUExecutionProvider"]
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UsageError("This onnxruntime has no {} (it has {}).".format(
+            ", ".join(missing), ", ".join(available)),
+            "Pick one of the available providers or install an onnxruntime build that has it.")
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    return names
+
+
+class Runner:
+    """An onnxruntime InferenceSession plus the edgeseg contract read from the model file."""
+
+    def __init__(self, model_path: str, *, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, optimization: str = "all"):
+        ort = _ort()
+        if not os.path.isfile(model_path):
+            raise ModelError("The model {} does not exist.".format(model_path),
+                             "Deploy it first ('edgeseg deploy TARGET MODEL') or check the path.")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise UsageError("Unknown optimisation level {!r}.".format(optimization),
+                             "Use one of: " + ", ".join(OPTIMIZATION_LEVELS) + ".")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        self.model_path = model_path
+        self.requested_providers = resolve_providers(providers)
+        t0 = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(model_path, sess_options=options,
+                                                providers=self.requested_providers)
+        except Exception as exc:  # onnxruntime raises its own exception types per build
+            raise ModelError("onnxruntime {} cannot load {}: {}".format(
+                ort.__version__, model_path, str(exc).strip().splitlines()[0][:300]),
+                "Check that the file is an ONNX model exported by 'edgeseg export' for an opset "
+                "and IR version this onnxruntime reads.")
+        self.session_ms = (time.perf_counter() - t0) * 1000.0
+        self.providers = self.session.get_providers()
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.contract = Contract.from_metadata(meta, source=model_path)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.onnxruntime_version = ort.__version__
+
+    @property
+    def fell_back(self) -> bool:
+        """True when a requested accelerator provider is not active (onnxruntime fell back)."""
+        return any(p not in self.providers for p in self.requested_providers)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a 1xCxHxW (or NxCxHxW) float32 batch; returns the first output (logits)."""
+        return self.session.run(self.output_names[:1], {self.input_name: batch})[0]

@@ -1,0 +1,173 @@
+"""edgeseg: the host command line, a thin layer over the keyword-only Python API.
+
+With ``--json`` stdout carries only JSON; progress and logs always go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgeseg.device import __version__
+
+from .errors import EdgesegError, UsageError
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _emit(args, data: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def _precisions(value: str):
+    items = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in items if p not in ("fp32", "int8")]
+    if bad or not items:
+        raise UsageError("Unknown precision {!r} in --precision {}.".format(
+            ",".join(bad), value), "Use a comma list of fp32 and int8, e.g. --precision fp32,int8.")
+    return tuple(items)
+
+
+def _size(value):
+    if value is None:
+        return None
+    text = value.lower().replace("*", "x")
+    try:
+        parts = [int(p) for p in text.split("x")]
+    except ValueError:
+        raise UsageError("--size {} is not a size.".format(value), "Use H or HxW, e.g. 256 or 256x320.")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise UsageError("--size {} is not a size.".format(value), "Use H or HxW, e.g. 256 or 256x320.")
+    return parts
+
+
+def _add_target_options(p) -> None:
+    p.add_argument("target", help="'local', [user@]host[:port], or a ~/.ssh/config alias")
+    p.add_argument("--identity", help="private key file for SSH")
+    p.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust and record the host key of a host seen for the first time")
+    p.add_argument("--install-dir", default="~/.edgeseg", help="where the agent and models live")
+    p.add_argument("--python", default="python3", help="the device's Python (default python3)")
+    p.add_argument("--json", action="store_true", help="print only JSON on stdout")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="edgeseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="edgeseg " + __version__)
+    sub = parser.add_subparsers(dest="command")
+
+    ex = sub.add_parser("export", help="checkpoint -> validated ONNX FP32 / INT8 models")
+    ex.add_argument("checkpoint", help="model.pth (config.yml beside it is read automatically)")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--arch", help="nested_unet | unet (NestedUNet / UNet accepted)")
+    ex.add_argument("--num-classes", type=int)
+    ex.add_argument("--input-channels", type=int)
+    ex.add_argument("--size", help="input H or HxW, multiples of 16 (default: config.yml, else 256)")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8")
+    ex.add_argument("--calib", help="calibration images: folder, glob or video file")
+    ex.add_argument("--calib-count", type=int, default=32, help="calibration frames (default 32)")
+    ex.add_argument("--val", help="validation images (default: a held-out part of --calib)")
+    ex.add_argument("--json", action="store_true", help="print only the JSON report on stdout")
+
+    dp = sub.add_parser("deploy", help="push a model and the agent to a device, verified")
+    _add_target_options(dp)
+    dp.add_argument("model", help="an ONNX file written by 'edgeseg export'")
+
+    pr = sub.add_parser("profile", help="run the deployed model on the device and report latency")
+    _add_target_options(pr)
+    pr.add_argument("--source", required=True, help="frames on the device: video, folder, glob, file://")
+    pr.add_argument("--model", help="deployed model file name (default: the last deployed)")
+    pr.add_argument("--frames", type=int, default=100)
+    pr.add_argument("--warmup", type=int, default=10)
+    pr.add_argument("--threads", type=int, help="onnxruntime intra-op threads on the device")
+    pr.add_argument("--save-masks", metavar="LOCAL_DIR", help="bring the masks of every frame back here")
+
+    qs = sub.add_parser("quickstart", help="the whole path on this machine with bundled real data")
+    qs.add_argument("--out", default="edgeseg-quickstart", help="work folder (default ./edgeseg-quickstart)")
+    qs.add_argument("--frames", type=int, default=40, help="measured frames per profile run")
+    qs.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cmd_export(args) -> int:
+    from .convert import convert
+    from .report import export_table
+
+    report = convert(checkpoint=args.checkpoint, out_dir=args.out, arch=args.arch,
+                     num_classes=args.num_classes, input_channels=args.input_channels,
+                     size=_size(args.size), opset=args.opset, precisions=_precisions(args.precision),
+                     calib=args.calib, val=args.val, calib_count=args.calib_count, log=log)
+    _emit(args, report, export_table(report) + "\n\nreport: {}/export.json".format(args.out))
+    return 0 if report["ok"] else 1
+
+
+def _target(args):
+    from .targets import open_target
+
+    return open_target(args.target, identity=args.identity, known_hosts=args.known_hosts,
+                       accept_new_host_key=args.accept_new_host_key)
+
+
+def _cmd_deploy(args) -> int:
+    from .deploy import deploy
+
+    with _target(args) as target:
+        result = deploy(target=target, model_path=args.model, install_dir=args.install_dir,
+                        python=args.python, log=log)
+    _emit(args, result, "deployed {} to {}:{} (sha256 {} verified on the device)".format(
+        args.model, result["target"], result["remote_path"], result["model_sha256"][:16]))
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from .profile import profile
+    from .report import latency_table
+
+    with _target(args) as target:
+        report = profile(target=target, source=args.source, frames=args.frames, warmup=args.warmup,
+                         install_dir=args.install_dir, python=args.python, model=args.model,
+                         threads=args.threads, fetch_masks=args.save_masks, log=log)
+    _emit(args, report, latency_table(report))
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from .quickstart import quickstart, summary_text
+
+    result = quickstart(out_dir=args.out, frames=args.frames, log=log)
+    _emit(args, result, summary_text(result))
+    return 0 if result["ok"] else 1
+
+
+COMMANDS = {"export": _cmd_export, "deploy": _cmd_deploy, "profile": _cmd_profile,
+            "quickstart": _cmd_quickstart}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except EdgesegError as exc:
+        log("edgeseg: error: {}".format(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log("edgeseg: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
