@@ -1,4 +1,4 @@
-"""``edgeseg export``: checkpoint -> ONNX FP32 (simplified) and INT8, each validated against PyTorch.
+"""``edgeseg export``: checkpoint -> ONNX FP32 (simplified) and INT8, each checked against PyTorch.
 
 Everything is built in a staging folder inside ``out_dir`` and moved into place at the end, so
 ``out_dir`` never holds a half-written model.  An artifact that fails parity is published as
@@ -65,7 +65,8 @@ def _check_request(*, precisions: Sequence[str], size, opset: int, calib, val) -
         size = list(check_size(size if isinstance(size, (list, tuple)) else (size, size)))
     if "int8" in precisions and not calib:
         raise UsageError("INT8 needs real calibration images: pass --calib FOLDER_OR_VIDEO.",
-                         "Use 30 or more images like those the device will see, or --precision fp32.")
+                         "Use 30 or more images like those the device will see, "
+                         "or --precision fp32.")
     if "int8" in precisions and int(opset) < MIN_PER_CHANNEL_OPSET:
         raise ExportError("INT8 with per-channel weights needs opset >= {}, but --opset {} was "
                           "requested.".format(MIN_PER_CHANNEL_OPSET, opset),
@@ -85,7 +86,8 @@ def _gather_frames(*, calib, val, calib_count: int, need_calib: bool, log) -> tu
     if val:
         val_frames = sample_frames(val, count=VAL_COUNT)
         if not val_frames:
-            raise UsageError("--val {} gave no frames.".format(val), "Point it at images or a video.")
+            raise UsageError("--val {} gave no frames.".format(val),
+                             "Point it at a folder of images or a video.")
         info = {"source": "--val", "images": len(val_frames)}
         if calib and need_calib and _same_source(calib, val):
             info["same_as_calib"] = True

@@ -77,14 +77,16 @@ def check_standard(model_proto: onnx.ModelProto, *, opset: int, stage: str) -> N
     """Opset == ``opset``, only the standard domain, no external data, and ``onnx.checker``."""
     found = default_opset(model_proto)
     if found != opset:
-        raise ExportError("{} wrote opset {}, but opset {} was requested.".format(stage, found, opset),
+        raise ExportError("{} wrote opset {}, but opset {} was requested.".format(
+            stage, found, opset),
                           "Pick an opset this torch/onnx pair supports (11..20), e.g. --opset 17.")
     other = sorted({e.domain for e in model_proto.opset_import if e.domain not in STANDARD_DOMAINS}
                    | {n.domain for n in model_proto.graph.node if n.domain not in STANDARD_DOMAINS})
     if other:
         raise ExportError("{} produced operators outside the standard ONNX domain: {}.".format(
             stage, ", ".join(other)),
-            "Such a model only runs on onnxruntime builds with those contrib ops; edgeseg refuses it.")
+            "Such a model only runs on onnxruntime builds with those contrib ops; "
+            "edgeseg refuses it.")
     external = [t.name for t in model_proto.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
@@ -98,7 +100,7 @@ def check_standard(model_proto: onnx.ModelProto, *, opset: int, stage: str) -> N
         onnx.checker.check_model(model_proto)
     except onnx.checker.ValidationError as exc:
         raise ExportError("{} produced an invalid ONNX model: {}".format(
-            stage, str(exc).strip().splitlines()[0][:300]),
+            stage, first_line(exc)),
             "Try another --opset; report the model and versions if it persists.") from exc
 
 
@@ -156,7 +158,7 @@ def export_proto(*, model: nn.Module, size_hw: Sequence[int], opset: int, contra
         caught = _unique("{}: {}".format(r.category.__name__, r.message) for r in records)
     except Exception as exc:  # torch raises many types (SymbolicValueError, RuntimeError, ...)
         raise ExportError("torch.onnx.export (TorchScript exporter, opset {}) failed: {}".format(
-            opset, str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__),
+            opset, first_line(exc)),
             "Try another --opset (11..20); check that the model runs on a 1x{}x{}x{} input.".format(
                 input_channels, h, w)) from exc
     proto = onnx.load_from_string(buffer.getvalue())
@@ -195,6 +197,12 @@ def save_atomic(model_proto: onnx.ModelProto, path: str) -> int:
             os.unlink(tmp)
         raise
     return len(data)
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:400] if text else type(exc).__name__
 
 
 def _unique(items) -> List[str]:

@@ -27,7 +27,7 @@ from edgeseg.device.preprocess import preprocess
 from edgeseg.device.runner import Runner
 
 from .errors import ExportError, UsageError
-from .export import attach_metadata, check_standard, default_opset, save_atomic
+from .export import attach_metadata, check_standard, default_opset, first_line, save_atomic
 
 MIN_PER_CHANNEL_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 CHUNK = 8  # calibration frames per CalibStridedMinMax chunk (bounds memory)
@@ -120,10 +120,20 @@ def quantize_int8(*, fp32_path: str, out_path: str, frames: Sequence, contract: 
     del fp32
     reader = CalibrationReader(frames=frames, contract=contract, input_name=input_name)
     stride = chunk_size(len(frames))
-    folder = os.path.dirname(os.path.abspath(out_path))
-    raw_path = os.path.join(folder, ".quant-raw-{}.onnx".format(os.getpid()))
     log("Calibrating INT8 on {} frames ({} per chunk)...".format(len(frames), stride))
     t0 = time.perf_counter()
+    model, quant_warnings = _run_quantizer(fp32_path=fp32_path, out_path=out_path, reader=reader,
+                                           stride=stride)
+    info = {"calibration_frames": len(frames), "chunk": stride,
+            "seconds": round(time.perf_counter() - t0, 2), "warnings": quant_warnings}
+    return _finish(model=model, out_path=out_path, contract=contract, opset=opset, frames=frames,
+                   info=info)
+
+
+def _run_quantizer(*, fp32_path: str, out_path: str, reader: CalibrationReader, stride: int):
+    """onnxruntime's quantize_static into a temp file beside ``out_path``; (model, warnings)."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    raw_path = os.path.join(folder, ".quant-raw-{}.onnx".format(os.getpid()))
     try:
         with _captured_logging() as quant_warnings:
             quantize_static(
@@ -131,18 +141,14 @@ def quantize_int8(*, fp32_path: str, out_path: str, frames: Sequence, contract: 
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"CalibStridedMinMax": stride})
-        seconds = time.perf_counter() - t0
-        model = onnx.load(raw_path)
-    except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-        raise ExportError("onnxruntime's quantizer failed: {}".format(
-            str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__),
-            "Export fp32 only (--precision fp32) and report the model and versions.") from exc
+        return onnx.load(raw_path), quant_warnings
+    except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidArgument, ...)
+        raise ExportError("onnxruntime's quantizer failed: {}".format(first_line(exc)),
+                          "Export fp32 only (--precision fp32) and report the model and "
+                          "versions.") from exc
     finally:
         with contextlib.suppress(OSError):
             os.unlink(raw_path)
-    return _finish(model=model, out_path=out_path, contract=contract, opset=opset,
-                   frames=frames, info={"calibration_frames": len(frames), "chunk": stride,
-                                        "seconds": round(seconds, 2), "warnings": quant_warnings})
 
 
 def _finish(*, model: onnx.ModelProto, out_path: str, contract: Contract, opset: int,

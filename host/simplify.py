@@ -14,7 +14,7 @@ from typing import Tuple
 import onnx
 
 from .errors import ExportError
-from .export import check_standard, default_opset, metadata_of
+from .export import check_standard, default_opset, first_line, metadata_of
 
 CHECK_N = 3
 CHECK_RTOL = 1e-3  # onnxsim's default 1e-4 rejects benign reorderings in deep nets
@@ -74,9 +74,8 @@ def simplify_model(*, model_proto: onnx.ModelProto) -> Tuple[onnx.ModelProto, di
     try:
         simplified, check_ok = _run_onnxsim(model_proto)
     except Exception as exc:  # onnxsim raises RuntimeError, ValueError, onnx errors, ...
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         info["message"] = "onnxsim failed ({}: {}); kept the unsimplified graph.".format(
-            type(exc).__name__, first)
+            type(exc).__name__, first_line(exc))
         return model_proto, info
     if not check_ok:
         info["message"] = ("onnxsim's check on random inputs found the simplified graph differs "

@@ -303,6 +303,11 @@ def _reason(exc: Exception) -> str:
     return text.rstrip(".")
 
 
+def _known_name(host: str, port: int) -> str:
+    """How known_hosts names a host: ``host`` on port 22, ``[host]:port`` otherwise."""
+    return host if int(port) == 22 else "[{}]:{}".format(host, port)
+
+
 def _auth_error(conn, *, label: str, identity, reason: str) -> TargetError:
     keys = "identity {}".format(identity) if identity else "the default keys and ssh-agent"
     return TargetError(
@@ -325,8 +330,8 @@ def _open(conn, *, label: str, identity, known_hosts: str) -> None:
                 label, exc.key.get_name(), fingerprint(exc.key), known_hosts,
                 exc.expected_key.get_name(), fingerprint(exc.expected_key)),
             "If the device was reinstalled, verify the new fingerprint on the device, remove the "
-            "old entry with ssh-keygen -R '[{}]:{}' -f {} and connect again.".format(
-                conn.host, conn.port, known_hosts)) from None
+            "old entry with ssh-keygen -R '{}' -f {} and connect again.".format(
+                _known_name(conn.host, conn.port), known_hosts)) from None
     except paramiko.AuthenticationException as exc:
         raise _auth_error(conn, label=label, identity=identity, reason=_reason(exc)) from None
     except paramiko.SSHException as exc:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,28 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
 
 
+# One cache per test session (the trained demo model, the packed agent), never the user's ~/.cache.
+# EDGESEG_TEST_CACHE keeps it across runs when set (developers re-running the slow tests).
+os.environ["EDGESEG_CACHE_DIR"] = os.environ.get("EDGESEG_TEST_CACHE") or tempfile.mkdtemp(
+    prefix="edgeseg-test-cache-")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own HOME and cache: no test reads or writes the user's ~/.ssh or cache."""
+    """Every test gets its own HOME: no test reads or writes the user's ~/.ssh or ~/.edgeseg."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
-    if "EDGESEG_TEST_CACHE" in os.environ:
-        monkeypatch.setenv("EDGESEG_CACHE_DIR", os.environ["EDGESEG_TEST_CACHE"])
-    else:
-        monkeypatch.setenv("EDGESEG_CACHE_DIR", str(_session_cache()))
     return home
-
-
-_CACHE = {}
-
-
-def _session_cache() -> Path:
-    """One cache per test session (shared trained demo model), never the user's ~/.cache."""
-    if "dir" not in _CACHE:
-        import tempfile
-
-        _CACHE["dir"] = Path(tempfile.mkdtemp(prefix="edgeseg-test-cache-"))
-    return _CACHE["dir"]
 
 
 @pytest.fixture(scope="session")
@@ -63,27 +53,20 @@ def frames_dir(tmp_path_factory, nuclei):
 
 def export_tiny(path: Path, *, size=64, arch="unet", channels=3, num_classes=1, seed=0,
                 precision="fp32") -> Path:
-    """Export a randomly initialised built-in net with an edgeseg contract, like the exporter does."""
-    import onnx
+    """Export a randomly initialised built-in net with an edgeseg contract through the real exporter."""
     import torch
 
     from edgeseg.device.contract import Contract
     from edgeseg.host.archs import ARCHS
+    from edgeseg.host.export import export_onnx
 
     torch.manual_seed(seed)
     model = ARCHS[arch](num_classes, channels).eval()
-    buf = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(1, channels, size, size),), buf, dynamo=False,
-                      opset_version=17, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    proto = onnx.load_from_string(buf.getvalue())
     contract = Contract(input_size=[size, size], channels=channels, num_classes=num_classes,
                         class_names=["c{}".format(i) for i in range(num_classes)],
                         precision=precision, arch=arch)
-    for key, value in contract.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    export_onnx(model=model, path=str(path), size_hw=[size, size], opset=17, contract=contract,
+                input_channels=channels)
     return path
 
 
@@ -91,3 +74,12 @@ def export_tiny(path: Path, *, size=64, arch="unet", channels=3, num_classes=1, 
 def tiny_onnx(tmp_path_factory) -> Path:
     """A small real UNet (random weights) exported to ONNX with an edgeseg contract, 64x64 input."""
     return export_tiny(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The whole quickstart (trained NestedUNet, FP32 + INT8 at 256x256, local profiles), run once."""
+    from edgeseg.host.quickstart import quickstart
+
+    out = tmp_path_factory.mktemp("quickstart")
+    return quickstart(out_dir=str(out), frames=30, log=lambda msg: print(msg))

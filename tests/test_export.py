@@ -170,3 +170,29 @@ def test_simplify_reattaches_metadata_onnxsim_dropped(monkeypatch, nested):
     simple, info = simplify_model(model_proto=proto)
     assert info["simplified"] and info["metadata_reattached"]
     assert METADATA_KEY in {p.key for p in simple.metadata_props}
+
+
+def test_models_over_the_protobuf_limit_are_refused(tmp_path, nested, monkeypatch):
+    import edgeseg.host.export as export_mod
+
+    monkeypatch.setattr(export_mod, "PROTOBUF_LIMIT", 1 << 20)  # 1 MB stands in for 2 GB
+    with pytest.raises(ExportError) as err:
+        export_onnx(model=nested, path=str(tmp_path / "m.onnx"), size_hw=(SIZE, SIZE), opset=17,
+                    contract=_contract(), input_channels=3)
+    assert "2 GB" in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_standard_domains_are_refused():
+    from onnx import helper
+
+    from edgeseg.host.export import check_standard
+
+    node = helper.make_node("FusedConv", ["x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1])],
+                              [helper.make_tensor_value_info("y", 1, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(ExportError) as err:
+        check_standard(model, opset=17, stage="test")
+    assert "com.microsoft" in str(err.value)

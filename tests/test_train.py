@@ -146,3 +146,25 @@ def test_real_demo_model_reaches_heldout_iou():
     assert iou >= 0.8
     assert iou == pytest.approx(json.loads((folder / "train.json").read_text())["heldout_iou"],
                                 abs=1e-4)
+
+
+def test_write_dir_into_existing_folder_replaces_only_its_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pth").write_text("old")
+    (out / "notes.txt").write_text("keep")
+    train._write_dir(out, {"model.pth": lambda p: p.write_text("new"),
+                           "train.json": lambda p: p.write_text("{}")})
+    assert (out / "model.pth").read_text() == "new" and (out / "train.json").is_file()
+    assert (out / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # temp folder removed
+
+
+def test_write_dir_failure_leaves_nothing_half_written(tmp_path):
+    def boom(path):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train._write_dir(tmp_path / "out", {"model.pth": lambda p: p.write_text("x"),
+                                            "config.yml": boom})
+    assert list(tmp_path.iterdir()) == []

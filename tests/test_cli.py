@@ -1,0 +1,130 @@
+"""The edgeseg command line: bad input ends in one clear paragraph, a non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models_util import nuclei_folder, random_net
+
+
+def edgeseg(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgeseg.host.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def assert_clear_error(out, *words, code=2):
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("edgeseg: error: ") == 1, out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.save(random_net("unet").state_dict(), folder / "model.pth")
+    (folder / "config.yml").write_text("arch: UNet\nnum_classes: 1\ninput_channels: 3\n"
+                                       "input_h: 32\ninput_w: 32\n")
+    return folder / "model.pth"
+
+
+def test_missing_checkpoint(tmp_path):
+    out = edgeseg("export", tmp_path / "nope.pth", "--out", tmp_path / "out", "--precision", "fp32",
+                  "--val", tmp_path)
+    assert_clear_error(out, "nope.pth")
+    assert not (tmp_path / "out" / "model.fp32.onnx").exists()
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    out = edgeseg("export", bad, "--out", tmp_path / "out", "--precision", "fp32", "--val", tmp_path)
+    assert_clear_error(out, "model.pth")
+
+
+def test_size_not_multiple_of_16(small_checkpoint, tmp_path):
+    out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out", "--size", "100",
+                  "--precision", "fp32", "--val", tmp_path)
+    assert_clear_error(out, "16")
+    assert not list((tmp_path / "out").glob("*.onnx")) if (tmp_path / "out").exists() else True
+
+
+def test_int8_without_calibration_images(small_checkpoint, tmp_path):
+    out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out")
+    assert_clear_error(out, "--calib")
+
+
+def test_empty_calibration_folder(small_checkpoint, tmp_path):
+    empty = tmp_path / "calib"
+    empty.mkdir()
+    out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out", "--calib", empty)
+    assert_clear_error(out, "no images")
+    assert not (tmp_path / "out" / "model.int8.onnx").exists()
+
+
+def test_unknown_precision(small_checkpoint, tmp_path):
+    out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out", "--precision", "int4")
+    assert_clear_error(out, "int4")
+
+
+def test_export_json_stdout_is_only_json(small_checkpoint, tmp_path):
+    val = nuclei_folder(tmp_path / "val", 3, 32)
+    out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out", "--precision", "fp32",
+                  "--val", val, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["ok"] and report["artifacts"][0]["precision"] == "fp32"
+    assert report["artifacts"][0]["opset"] == 17
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["ok"]
+
+
+def test_deploy_refuses_a_file_that_is_not_onnx(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("not a model")
+    out = edgeseg("deploy", "local", bad, "--install-dir", tmp_path / "dev")
+    assert_clear_error(out, "model.onnx")
+    assert not (tmp_path / "dev" / "models").exists() or not list((tmp_path / "dev" / "models").iterdir())
+
+
+def test_unreachable_target(tiny_onnx, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = edgeseg("deploy", "127.0.0.1:{}".format(port), tiny_onnx)
+    assert_clear_error(out, "cannot reach", str(port))
+
+
+def test_target_without_onnxruntime(tiny_onnx, tmp_path):
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    out = edgeseg("deploy", "local", tiny_onnx, "--install-dir", tmp_path / "dev",
+                  "--python", venv / "bin" / "python")
+    assert_clear_error(out, "onnxruntime", "pip install")
+    assert not (tmp_path / "dev" / "models" / "tiny.onnx").exists()
+
+
+def test_deploy_and_profile_local_json(tiny_onnx, frames_dir, tmp_path):
+    dev = tmp_path / "dev"
+    out = edgeseg("deploy", "local", tiny_onnx, "--install-dir", dev, "--python", sys.executable,
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    deployed = json.loads(out.stdout)
+    assert deployed["ok"] and Path(deployed["remote_path"]).is_file()
+    out = edgeseg("profile", "local", "--source", frames_dir, "--frames", 5, "--warmup", 1,
+                  "--install-dir", dev, "--python", sys.executable, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["frames"] == 5 and report["target"] == "local"
+    assert report["model_sha256"] == deployed["model_sha256"]
+    text = edgeseg("profile", "local", "--source", frames_dir, "--frames", 3, "--warmup", 0,
+                   "--install-dir", dev, "--python", sys.executable)
+    assert text.returncode == 0 and "inference" in text.stdout and "p95" in text.stdout
