@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import time
@@ -11,20 +9,13 @@ from typing import Optional
 
 from . import __version__
 from .errors import SourceError, UsageError
+from .files import file_sha256, write_json
 from .metrics import STAGES, device_info, rss_mb, summarize
 from .outputs import NullSink, open_sink
 from .postprocess import masks_from_logits
 from .preprocess import input_size_for, preprocess
 from .runner import Runner
 from .sources import open_source
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _process(frame, runner, contract, sink):
@@ -118,15 +109,3 @@ def run_agent(*, model: str, source: str, frames: int, warmup: int = 5,
     if report:
         write_json(report, result)
     return result
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = os.path.expanduser(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = "{}.tmp-{}".format(path, os.getpid())
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)

@@ -38,7 +38,15 @@ def board_model() -> Optional[str]:
 
 
 def rss_mb() -> Optional[float]:
-    """Peak resident memory of this process in MiB (Linux/macOS)."""
+    """Peak resident memory of this process in MiB.
+
+    Linux: VmHWM of /proc/self/status (getrusage's ru_maxrss survives exec, so a child started by a
+    big host process would report the parent's peak); elsewhere getrusage.
+    """
+    status = _read_text("/proc/self/status")
+    for line in (status or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024.0, 1)
     try:
         import resource
     except ImportError:

@@ -7,7 +7,6 @@ Everything is built in a staging folder inside ``out_dir`` and moved into place 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import tempfile
 from typing import Callable, List, Optional, Sequence
 
 from edgeseg.device import __version__
+from edgeseg.device.files import file_sha256
 from edgeseg.device.contract import IMAGENET_MEAN, IMAGENET_STD, Contract
 from edgeseg.device.sources import sample_frames, uri_to_path
 
@@ -144,14 +144,6 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict) -> Co
                          "Fix config.yml (input_channels, num_classes, input_h/input_w).") from exc
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None, size=None,
             opset: int = 17, precisions=PRECISIONS, calib=None, val=None, calib_count: int = 32,
             log: Optional[Callable[[str], None]] = None) -> dict:
@@ -240,7 +232,7 @@ def _publish(*, report: dict, staging: str, out_dir: str) -> None:
     for art in report["artifacts"]:
         name = artifact_name(art["precision"], art["ok"])
         final = os.path.join(out_dir, name)
-        art.update(bytes=os.path.getsize(art["staged"]), sha256=sha256_of(art["staged"]),
+        art.update(bytes=os.path.getsize(art["staged"]), sha256=file_sha256(art["staged"]),
                    path=final, file=name)
         os.replace(art.pop("staged"), final)
         written.add(name)

@@ -11,7 +11,6 @@ Layout on the target (``install_dir``, default ``~/.edgeseg``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from edgeseg.device.contract import Contract
+from edgeseg.device.files import file_sha256
 
 from .agentpack import build_agent
 from .errors import DeployError, EdgesegError, ModelError, TargetError
@@ -39,14 +39,6 @@ HASH_PY = ("import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],'rb')\nwh
 
 def _quiet(msg: str) -> None:
     pass
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def validate_model(*, model_path) -> Contract:

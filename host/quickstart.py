@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgeseg.device.files import write_json
+
 from .report import compare_table, export_table, table
 
 SCAN = 256  # window and model input size: windows are fed at the image's native scale
@@ -116,7 +118,7 @@ def quickstart(*, out_dir="edgeseg-quickstart", frames: int = 40, log=None) -> d
     report_files = {}
     for (src, prec), rep in runs.items():
         path = reports_dir / "{}.{}.json".format(src.replace(" ", "_"), prec)
-        path.write_text(json.dumps(rep, indent=2, sort_keys=True))
+        write_json(path, rep)
         report_files["{} {}".format(src, prec)] = str(path)
     return {
         "ok": bool(export["ok"]),

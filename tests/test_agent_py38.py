@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 
 def _python38():
-    found = shutil.which("python3.8") or next(iter(sorted(
-        glob.glob("/root/.pyenv/versions/3.8*/bin/python3.8") + glob.glob("/usr/bin/python3.8"))), None)
-    if not found:
-        pytest.skip("no Python 3.8 interpreter on this machine (pyenv or python3.8 on PATH)")
-    return found
+    """A working Python 3.8 interpreter (pyenv's shims exit 127 when 3.8 is not selected)."""
+    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
+    candidates += sorted(glob.glob("/root/.pyenv/versions/3.8*/bin/python3.8"))
+    candidates += ["/usr/bin/python3.8", shutil.which("python3.8") or ""]
+    for path in filter(None, candidates):
+        if os.path.isfile(path) and subprocess.run([path, "-c", "pass"]).returncode == 0:
+            return path
+    pytest.skip("no working Python 3.8 interpreter on this machine (pyenv or /usr/bin/python3.8)")
 
 
 @pytest.fixture(scope="module")

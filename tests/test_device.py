@@ -157,3 +157,12 @@ def test_device_imports_no_host_packages():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_peak_memory_is_the_agents_own_not_its_parents():
+    """ru_maxrss survives exec on Linux; the agent must report its own peak (VmHWM)."""
+    ballast = np.ones(800 * 1024 * 1024 // 8)  # the parent touches 800 MiB first
+    code = "from edgeseg.device.metrics import rss_mb; print(rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 5 < float(out.stdout) < 400, out.stdout
+    del ballast
