@@ -1,14 +1,14 @@
 """Load a pytorch-nested-unet style checkpoint (``model.pth`` + ``config.yml``) safely and strictly.
 
-Weights are always read with ``torch.load(weights_only=True)``: a file that needs arbitrary
-unpickling (a whole pickled model) is refused with the name of the global it asks for.  Loading is
-strict: a checkpoint that does not fit the architecture is an error listing what did not fit.
+Weights are read with ``torch.load(weights_only=True)`` plus a short list of inert types
+(``unpickle.py``): a file that needs arbitrary unpickling (a whole pickled model) is refused with
+the names of the globals it asks for, unless the user trusts it (``--trust-checkpoint``); a trusted
+whole model is turned into its ``state_dict``.  Loading is strict: a checkpoint that does not fit
+the architecture is an error listing what did not fit.  Every automatic fix is reported.
 """
 
 from __future__ import annotations
 
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -17,8 +17,10 @@ import torch
 import yaml
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from . import userarch
 from .archs import ARCHS, arch_name
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
+from .unpickle import load_file
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 PREFIXES = ("module.", "_orig_mod.")
@@ -49,63 +51,35 @@ def _check_path(path) -> Path:
     return path
 
 
-def _unreadable(path: Path, exc: Exception) -> CheckpointError:
-    with open(str(path), "rb") as handle:
-        head = handle.read(4)
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if not head:
-        what = "is empty (0 bytes)"
-    elif head.startswith(b"PK"):
-        what = "is a damaged or truncated torch.save archive ({})".format(detail[:160])
-    elif head.startswith(b"\x80"):
-        what = "is a damaged or truncated legacy torch.save pickle ({}: {})".format(
-            type(exc).__name__, detail[:160])
-    else:
-        what = "is not a PyTorch checkpoint (it starts with {!r})".format(head)
-    return CheckpointError(
-        "Checkpoint {} {}.".format(path, what),
-        "Copy the file again (an interrupted download or copy truncates it) and check that it "
-        "is the .pth written by torch.save(model.state_dict(), ...).")
-
-
-def _refused_global(path: Path, exc: Exception) -> CheckpointError:
-    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    name = match.group(1) if match else "an object"
-    return CheckpointError(
-        "Checkpoint {} needs the Python global {} to be unpickled; edgeseg loads weights only "
-        "(torch.load(weights_only=True)) and does not load a whole pickled model or other "
-        "pickled objects, because unpickling can run arbitrary code.".format(path, name),
-        "Re-save only the weights where the model was trained: "
-        "torch.save(model.state_dict(), 'model.pth').")
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or "GLOBAL " in str(exc):
-            raise _refused_global(path, exc) from exc
-        raise _unreadable(path, exc) from exc
-    except Exception as exc:  # torch raises RuntimeError/EOFError/KeyError/... for bad files
-        raise _unreadable(path, exc) from exc
-
-
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _unwrap(raw, path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+def _as_state(value, what: str, fixes: List[str]):
+    """A state_dict, or a trusted whole model's state_dict (noted in ``fixes``), else None."""
+    if isinstance(value, torch.nn.Module):
+        fixes.append("{} is a whole pickled model ({}.{}); converted to its state_dict".format(
+            what, type(value).__module__, type(value).__qualname__))
+        value = value.state_dict()
+    return value if _is_state_dict(value) else None
+
+
+def _unwrap(raw, path: Path, fixes: List[str]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
     """The state_dict itself, or the one a training checkpoint wraps under a known key."""
     if isinstance(raw, dict) and not raw:
         raise CheckpointError("Checkpoint {} is an empty dict: it holds no weights.".format(path),
                               "Save the trained model with torch.save(model.state_dict(), ...).")
-    if _is_state_dict(raw):
-        return dict(raw), None
+    state = _as_state(raw, "the file", fixes)
+    if state is not None:
+        return dict(state), None
     if isinstance(raw, dict):
         for key in WRAPPER_KEYS:
-            if _is_state_dict(raw.get(key)):
-                return dict(raw[key]), key
+            state = _as_state(raw.get(key), "key {!r}".format(key), fixes)
+            if state is not None:
+                fixes.append("weights taken from the checkpoint's {!r} key (other keys: {})".format(
+                    key, ", ".join(repr(k) for k in list(raw) if k != key)[:200] or "none"))
+                return dict(state), key
         keys = ", ".join(repr(k) for k in list(raw)[:8])
         raise CheckpointError(
             "Checkpoint {} is a dict without weights edgeseg recognises (top-level keys: {}).".format(
@@ -227,24 +201,60 @@ def _load_strict(model: torch.nn.Module, state, path: Path, config: dict) -> int
     return len(expected)
 
 
-def load_checkpoint(path, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
-                    input_channels: Optional[int] = None,
-                    deep_supervision: Optional[bool] = None) -> LoadedModel:
-    """Build the built-in architecture the checkpoint describes and load its weights strictly."""
-    path = _check_path(path)
-    state, weights_key = _unwrap(_torch_load(path), path)
-    stripped = _strip_prefixes(state)
-    file_config, config_file = _read_config(path)
-    overrides = {"arch": arch, "num_classes": num_classes, "input_channels": input_channels,
-                 "deep_supervision": deep_supervision}
+def _user_config(state, file_config: dict, overrides: dict, kwargs: dict):
+    """Config of a ``--arch module:Class`` model: explicit flags, else its kwargs / weights."""
+    config, inferred = userarch.describe(state, kwargs)
+    for name in ("num_classes", "input_channels"):
+        if overrides.get(name) is not None:
+            config[name] = int(overrides[name])
+    config.update(arch=overrides["arch"], deep_supervision=False)
+    for name in ("input_h", "input_w"):
+        if file_config.get(name) is not None:
+            config[name] = int(file_config[name])
+    return config, inferred
+
+
+def _build(state, file_config: dict, overrides: dict, kwargs: dict, code_path):
+    if userarch.is_user_arch(overrides["arch"]):
+        config, inferred = _user_config(state, file_config, overrides, kwargs)
+        model = userarch.build(overrides["arch"], kwargs=kwargs, code_path=code_path)
+        return model, config, inferred
+    if kwargs:
+        raise UsageError("--arch-kwargs applies to --arch package.module:ClassName only.",
+                         "For the built-in nets use --num-classes / --input-channels.")
     config, inferred = _resolve_config(state, file_config, overrides)
     model = ARCHS[config["arch"]](num_classes=config["num_classes"],
                                   input_channels=config["input_channels"],
                                   deep_supervision=config["deep_supervision"])
+    return model, config, inferred
+
+
+def load_checkpoint(path, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
+                    input_channels: Optional[int] = None,
+                    deep_supervision: Optional[bool] = None, trust: bool = False,
+                    code_path: Optional[str] = None,
+                    arch_kwargs: Optional[dict] = None) -> LoadedModel:
+    """Build the architecture the checkpoint describes and load its weights strictly.
+
+    ``arch`` is a built-in name (``nested_unet``, ``NestedUNet``, ``unet``) or
+    ``package.module:ClassName`` built with ``arch_kwargs`` (``code_path`` first on sys.path).
+    ``trust`` unpickles whatever the file holds (``--trust-checkpoint``).
+    """
+    path = _check_path(path)
+    fixes: List[str] = []
+    state, weights_key = _unwrap(load_file(path, trust=trust, code_path=code_path), path, fixes)
+    stripped = _strip_prefixes(state)
+    fixes += ["key prefix {!r} stripped from every key".format(p) for p in stripped]
+    file_config, config_file = _read_config(path)
+    overrides = {"arch": arch, "num_classes": num_classes, "input_channels": input_channels,
+                 "deep_supervision": deep_supervision}
+    model, config, inferred = _build(state, file_config, overrides, dict(arch_kwargs or {}),
+                                     code_path)
     matched = _load_strict(model, state, path, config)
     model.eval()
     report = {"path": str(path), "weights_key": weights_key,
               "prefix_stripped": "".join(stripped) or None,
               "config_file": str(config_file) if config_file else None,
-              "inferred": inferred, "matched_keys": matched}
+              "inferred": inferred, "matched_keys": matched, "fixes": fixes,
+              "trusted": bool(trust)}
     return LoadedModel(model=model, arch=config["arch"], config=config, report=report)

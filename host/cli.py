@@ -68,7 +68,14 @@ def _parser():
     ex = sub.add_parser("export", help="checkpoint -> validated ONNX FP32 / INT8 models")
     ex.add_argument("checkpoint", help="model.pth (config.yml beside it is read automatically)")
     ex.add_argument("--out", required=True, help="output folder")
-    ex.add_argument("--arch", help="nested_unet | unet (NestedUNet / UNet accepted)")
+    ex.add_argument("--arch", help="nested_unet | unet (NestedUNet / UNet accepted), or "
+                    "package.module:ClassName for any other architecture")
+    ex.add_argument("--arch-kwargs", metavar="JSON", help="constructor arguments for --arch "
+                    "package.module:ClassName, e.g. '{\"num_classes\": 2}'")
+    ex.add_argument("--code-path", metavar="DIR", help="folder with the model's Python code "
+                    "(for --arch module:Class or a trusted whole pickled model)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="unpickle the file fully "
+                    "(runs code from it): needed for a whole pickled model, torch.save(model)")
     ex.add_argument("--num-classes", type=int)
     ex.add_argument("--input-channels", type=int)
     ex.add_argument("--size", help="input H or HxW, multiples of 16 (default: config.yml, else 256)")
@@ -102,11 +109,14 @@ def _parser():
 def _cmd_export(args) -> int:
     from .convert import convert
     from .report import export_table
+    from .userarch import parse_kwargs
 
     report = convert(checkpoint=args.checkpoint, out_dir=args.out, arch=args.arch,
                      num_classes=args.num_classes, input_channels=args.input_channels,
                      size=_size(args.size), opset=args.opset, precisions=_precisions(args.precision),
-                     calib=args.calib, val=args.val, calib_count=args.calib_count, log=log)
+                     calib=args.calib, val=args.val, calib_count=args.calib_count,
+                     trust=args.trust_checkpoint, code_path=args.code_path,
+                     arch_kwargs=parse_kwargs(args.arch_kwargs), log=log)
     _emit(args, report, export_table(report) + "\n\nreport: {}/export.json".format(args.out))
     return 0 if report["ok"] else 1
 

@@ -146,6 +146,7 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict) -> Co
 
 def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None, size=None,
             opset: int = 17, precisions=PRECISIONS, calib=None, val=None, calib_count: int = 32,
+            trust: bool = False, code_path=None, arch_kwargs=None,
             log: Optional[Callable[[str], None]] = None) -> dict:
     """Export, simplify, quantize and validate; returns (and writes) the export.json report."""
     from .checkpoint import load_checkpoint
@@ -159,7 +160,10 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
                          "Pass a new or existing folder.")
     log("loading checkpoint {}".format(checkpoint))
     loaded = load_checkpoint(str(checkpoint), arch=arch, num_classes=num_classes,
-                             input_channels=input_channels)
+                             input_channels=input_channels, trust=trust, code_path=code_path,
+                             arch_kwargs=arch_kwargs)
+    for fix in loaded.report["fixes"] + ["inferred " + i for i in loaded.report["inferred"]]:
+        log("checkpoint: " + fix)
     vers = versions()
     contract = build_contract(loaded=loaded, size=size, arch=loaded.arch, vers=vers)
     calib_frames, val_frames, val_info = _gather_frames(
