@@ -18,6 +18,22 @@ SCHEMA = 1
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 ACTIVATIONS = ("sigmoid", "softmax", "none")
+RESIZES = ("bilinear", "nearest", "bicubic", "cv2-linear")
+
+# Preprocessing presets: the contract fields each one sets (``normalize`` computes
+# ``(pixel * scale - mean) / std`` per channel, channels in ``color_order``).
+PRESETS = {
+    # RGB, /255, ImageNet mean/std, Pillow bilinear resize.
+    "default": {"color_order": "RGB", "scale": 1.0 / 255.0, "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD), "resize": "bilinear"},
+    # pytorch-nested-unet's input pipeline: cv2.imread (BGR), cv2.resize INTER_LINEAR (the
+    # albumentations default), albumentations Normalize() on 0..255 values in BGR order
+    # ((x - 255 * mean) / (255 * std), so mean 0.485 / std 0.229 go to the blue channel), then
+    # its dataset divides by 255 again: ((x - 255 m) / (255 s)) / 255 = (x / 255 - m) / (255 s).
+    "pytorch-nested-unet": {"color_order": "BGR", "scale": 1.0 / 255.0,
+                            "mean": list(IMAGENET_MEAN),
+                            "std": [s * 255.0 for s in IMAGENET_STD], "resize": "cv2-linear"},
+}
 
 
 @dataclass
@@ -88,6 +104,8 @@ class Contract:
             problems.append("layout {!r} (only NCHW)".format(self.layout))
         if self.color_order not in ("RGB", "BGR", "GRAY"):
             problems.append("color_order {!r}".format(self.color_order))
+        if self.resize not in RESIZES:
+            problems.append("resize {!r}".format(self.resize))
         if self.activation not in ACTIVATIONS:
             problems.append("activation {!r}".format(self.activation))
         if self.color_order == "GRAY" and self.channels != 1:

@@ -43,11 +43,45 @@ def input_size_for(frame_hw: Tuple[int, int], contract: Contract) -> Tuple[int, 
     return max(16, h - h % 16), max(16, w - w % 16)
 
 
+def _linear_axis(out_len: int, in_len: int):
+    """OpenCV INTER_LINEAR sample positions: half-pixel centres, edges clamped, no antialiasing."""
+    pos = (np.arange(out_len, dtype=np.float64) + 0.5) * (in_len / out_len) - 0.5
+    low = np.floor(pos)
+    frac = pos - low
+    low = low.astype(np.int64)
+    frac[low < 0] = 0.0
+    low[low < 0] = 0
+    top = low >= in_len - 1
+    low[top], frac[top] = in_len - 1, 0.0
+    return low, np.minimum(low + 1, in_len - 1), frac
+
+
+def resize_cv2_linear(frame: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+    """``cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)``: OpenCV when installed, else
+    the same formula in numpy (OpenCV rounds its fixed-point weights: within one grey level)."""
+    h, w = size_hw
+    try:
+        import cv2
+    except ImportError:
+        cv2 = None
+    if cv2 is not None:
+        return cv2.resize(np.ascontiguousarray(frame), (w, h), interpolation=cv2.INTER_LINEAR)
+    y0, y1, fy = _linear_axis(h, frame.shape[0])
+    x0, x1, fx = _linear_axis(w, frame.shape[1])
+    src = frame.astype(np.float32)
+    rows = src[y0] * (1 - fy)[:, None, None] + src[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def resize_rgb(frame: np.ndarray, size_hw: Tuple[int, int], method: str = "bilinear") -> np.ndarray:
-    """Resize an HxWx3 uint8 frame with Pillow (same library on host and device)."""
+    """Resize an HxWx3 uint8 frame with Pillow (same library on host and device), or as
+    OpenCV's INTER_LINEAR for ``cv2-linear`` (the pytorch-nested-unet preset)."""
     h, w = size_hw
     if frame.shape[0] == h and frame.shape[1] == w:
         return frame
+    if method == "cv2-linear":
+        return resize_cv2_linear(frame, size_hw)
     img = Image.fromarray(frame)
     return np.asarray(img.resize((w, h), _RESAMPLE.get(method, Image.BILINEAR)))
 

@@ -86,6 +86,9 @@ class Runner:
         self.contract = Contract.from_metadata(meta, source=model_path)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # The final logits: the contract's output (a model exported with every head has several).
+        self.logits_name = (self.contract.output_name if self.contract.output_name in
+                            self.output_names else self.output_names[0])
         self.onnxruntime_version = ort.__version__
 
     @property
@@ -94,5 +97,10 @@ class Runner:
         return any(p not in self.providers for p in self.requested_providers)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run a 1xCxHxW (or NxCxHxW) float32 batch; returns the first output (logits)."""
-        return self.session.run(self.output_names[:1], {self.input_name: batch})[0]
+        """Run a 1xCxHxW (or NxCxHxW) float32 batch; returns the contract's logits output."""
+        return self.session.run([self.logits_name], {self.input_name: batch})[0]
+
+    def run_all(self, batch: np.ndarray) -> dict:
+        """Every output of the model by name (all heads of a deep-supervision export)."""
+        values = self.session.run(self.output_names, {self.input_name: batch})
+        return dict(zip(self.output_names, values))

@@ -79,7 +79,21 @@ def _parser():
     ex.add_argument("--num-classes", type=int)
     ex.add_argument("--input-channels", type=int)
     ex.add_argument("--size", help="input H or HxW, multiples of 16 (default: config.yml, else 256)")
-    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--opset", type=int, help="ONNX opset (default 17, or the newest "
+                    "--target-ort reads); the written model must have exactly this opset")
+    ex.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                    help="torch's ONNX exporter (dynamo needs onnxscript)")
+    ex.add_argument("--all-heads", action="store_true", help="deep supervision: export every "
+                    "head ('logits' = final head, then logits_head1...), not only the final one")
+    ex.add_argument("--dynamic-hw", action="store_true", help="symbolic height and width "
+                    "(checked against PyTorch at 256x256 and 320x480)")
+    ex.add_argument("--activation", choices=("sigmoid", "softmax", "none"), default="sigmoid",
+                    help="how the agent turns logits into masks (default sigmoid per class)")
+    ex.add_argument("--preset", choices=("default", "pytorch-nested-unet"), default="default",
+                    help="input preprocessing the agent applies (default: RGB, /255, ImageNet "
+                    "mean/std; pytorch-nested-unet: that repository's cv2/albumentations pipeline)")
+    ex.add_argument("--target-ort", metavar="VERSION", help="onnxruntime release on the device "
+                    "(e.g. 1.11 on a Jetson Nano): check opset and IR version against it")
     ex.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8")
     ex.add_argument("--calib", help="calibration images: folder, glob or video file")
     ex.add_argument("--calib-count", type=int, default=32, help="calibration frames (default 32)")
@@ -116,7 +130,10 @@ def _cmd_export(args) -> int:
                      size=_size(args.size), opset=args.opset, precisions=_precisions(args.precision),
                      calib=args.calib, val=args.val, calib_count=args.calib_count,
                      trust=args.trust_checkpoint, code_path=args.code_path,
-                     arch_kwargs=parse_kwargs(args.arch_kwargs), log=log)
+                     arch_kwargs=parse_kwargs(args.arch_kwargs), exporter=args.exporter,
+                     all_heads=args.all_heads, dynamic_hw=args.dynamic_hw,
+                     activation=args.activation, preset=args.preset, target_ort=args.target_ort,
+                     log=log)
     _emit(args, report, export_table(report) + "\n\nreport: {}/export.json".format(args.out))
     return 0 if report["ok"] else 1
 

@@ -7,21 +7,26 @@ Everything is built in a staging folder inside ``out_dir`` and moved into place 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from edgeseg.device import __version__
 from edgeseg.device.files import file_sha256
-from edgeseg.device.contract import IMAGENET_MEAN, IMAGENET_STD, Contract
+from edgeseg.device.contract import ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, PRESETS, Contract
 from edgeseg.device.sources import sample_frames, uri_to_path
 
+from . import ortcompat
+from .dynamic import check_dynamic_hw
 from .errors import ExportError, UsageError
 from .export import check_size, export_proto, save_atomic
+from .exporters import check_opset_request, max_opset
 from .quantize import MIN_PER_CHANNEL_OPSET, quantize_int8
 from .simplify import simplify_model
 from .validate import validate_artifact
@@ -49,9 +54,16 @@ def versions() -> dict:
     import onnxsim
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "onnxsim": str(onnxsim.__version__).lstrip("v"), "edgeseg": __version__}
+    found = {"torch": torch.__version__, "onnx": onnx.__version__,
+             "onnxruntime": onnxruntime.__version__,
+             "onnxsim": str(onnxsim.__version__).lstrip("v"), "edgeseg": __version__}
+    try:
+        import onnxscript  # only the dynamo exporter uses it
+
+        found["onnxscript"] = onnxscript.__version__
+    except ImportError:
+        found["onnxscript"] = None
+    return found
 
 
 def _check_request(*, precisions: Sequence[str], size, opset: int, calib, val) -> tuple:
@@ -121,8 +133,37 @@ def _same_source(a: str, b: str) -> bool:
     return os.path.realpath(uri_to_path(a)) == os.path.realpath(uri_to_path(b))
 
 
-def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict) -> Contract:
+@dataclass
+class ExportOptions:
+    """How the graph is written and what the agent is told (see ``edgeseg export --help``)."""
+
+    opset: Optional[int] = None  # None: 17, or the newest target_ort reads if lower
+    exporter: str = "torchscript"
+    all_heads: bool = False
+    dynamic_hw: bool = False
+    activation: str = "sigmoid"
+    preset: str = "default"
+    target_ort: Optional[str] = None
+
+    def resolve(self) -> "ExportOptions":
+        """Checked options with the opset filled in; nothing is loaded yet."""
+        check_opset_request(opset=self.opset or 17, exporter=self.exporter)
+        if self.activation not in ACTIVATIONS:
+            raise UsageError("Unknown --activation {!r}.".format(self.activation),
+                             "Use sigmoid (one mask per class), softmax (one class per pixel) "
+                             "or none.")
+        if self.preset not in PRESETS:
+            raise UsageError("Unknown --preset {!r}.".format(self.preset),
+                             "Use one of: {}.".format(", ".join(PRESETS)))
+        opset = self.opset or ortcompat.default_opset(self.target_ort, max_opset(self.exporter))
+        ortcompat.check_opset(opset, self.target_ort)
+        return dataclasses.replace(self, opset=int(opset))
+
+
+def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict,
+                   options: Optional[ExportOptions] = None) -> Contract:
     """The contract: size, channels and classes from the checkpoint, the agent's defaults else."""
+    options = options or ExportOptions()
     config = loaded.config or {}
     if size is None:
         h, w = config.get("input_h"), config.get("input_w")
@@ -134,6 +175,12 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict) -> Co
               "class_names": ["foreground"] if classes == 1 else
               ["class{}".format(i) for i in range(classes)],
               "edgeseg_version": __version__, "versions": dict(vers), "precision": "fp32"}
+    values.update(PRESETS[options.preset], preset=options.preset,
+                  activation=options.activation, dynamic_hw=bool(options.dynamic_hw))
+    if channels == 1 and options.preset != "default":
+        raise UsageError("--preset {} feeds 3-channel BGR images; this model takes {} "
+                         "channel(s).".format(options.preset, channels),
+                         "Use --preset default for single-channel (greyscale) models.")
     if channels == 1:  # greyscale: the luminance average of the ImageNet statistics
         values.update(color_order="GRAY", mean=[sum(IMAGENET_MEAN) / 3],
                       std=[sum(IMAGENET_STD) / 3])
@@ -145,14 +192,19 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict) -> Co
 
 
 def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None, size=None,
-            opset: int = 17, precisions=PRECISIONS, calib=None, val=None, calib_count: int = 32,
-            trust: bool = False, code_path=None, arch_kwargs=None,
+            opset: Optional[int] = None, precisions=PRECISIONS, calib=None, val=None,
+            calib_count: int = 32, trust: bool = False, code_path=None, arch_kwargs=None,
+            exporter: str = "torchscript", all_heads: bool = False, dynamic_hw: bool = False,
+            activation: str = "sigmoid", preset: str = "default", target_ort: Optional[str] = None,
             log: Optional[Callable[[str], None]] = None) -> dict:
     """Export, simplify, quantize and validate; returns (and writes) the export.json report."""
     from .checkpoint import load_checkpoint
 
     log = log or _stderr
-    precisions, size = _check_request(precisions=precisions, size=size, opset=opset,
+    options = ExportOptions(opset=opset, exporter=exporter, all_heads=all_heads,
+                            dynamic_hw=dynamic_hw, activation=activation, preset=preset,
+                            target_ort=target_ort).resolve()
+    precisions, size = _check_request(precisions=precisions, size=size, opset=options.opset,
                                       calib=calib, val=val)
     out_dir = os.path.abspath(str(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -165,16 +217,18 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     for fix in loaded.report["fixes"] + ["inferred " + i for i in loaded.report["inferred"]]:
         log("checkpoint: " + fix)
     vers = versions()
-    contract = build_contract(loaded=loaded, size=size, arch=loaded.arch, vers=vers)
+    contract = build_contract(loaded=loaded, size=size, arch=loaded.arch, vers=vers,
+                              options=options)
     calib_frames, val_frames, val_info = _gather_frames(
         calib=calib, val=val, calib_count=calib_count, need_calib="int8" in precisions, log=log)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
-        report = _build(loaded=loaded, contract=contract, opset=int(opset), precisions=precisions,
+        report = _build(loaded=loaded, contract=contract, options=options, precisions=precisions,
                         calib_frames=calib_frames, val_frames=val_frames, staging=staging, log=log)
         report.update(versions=vers, validation=val_info, contract=contract.to_dict(),
-                      checkpoint=loaded.report)
+                      checkpoint=loaded.report, options=dataclasses.asdict(options))
+        report["fixes"] = loaded.report["fixes"] + report["fixes"]
         if val_info.get("same_as_calib"):
             report["warnings"].append("--val is the same source as --calib: the validation "
                                       "images were also calibration images")
@@ -186,44 +240,89 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     return report
 
 
-def _build(*, loaded, contract: Contract, opset: int, precisions, calib_frames, val_frames,
-           staging: str, log) -> dict:
+def _export_fp32(*, loaded, contract: Contract, options: ExportOptions, path: str, log) -> dict:
+    """Export, simplify, check --dynamic-hw and --target-ort, write ``path``; returns the info."""
+    log("exporting {} {}x{} to ONNX opset {} ({} exporter{}{})".format(
+        contract.arch, contract.height, contract.width, options.opset, options.exporter,
+        ", every head" if options.all_heads else "", ", dynamic H/W" if options.dynamic_hw else ""))
+    proto, info = export_proto(model=loaded.model, size_hw=contract.input_size,
+                               opset=options.opset, contract=contract,
+                               input_channels=contract.channels, all_heads=options.all_heads,
+                               dynamic_hw=options.dynamic_hw, exporter=options.exporter)
+    proto, info["simplify"] = simplify_model(model_proto=proto)
+    log("simplify: " + info["simplify"]["message"])
+    if options.dynamic_hw:
+        info["dynamic_check"] = check_dynamic_hw(proto=proto, model=loaded.model,
+                                                 channels=contract.channels)
+        log("dynamic H/W: ONNX and PyTorch agree at {}".format(
+            " and ".join(info["dynamic_check"]["checked_sizes"])))
+    info["fixes"] += ortcompat.fit_target(proto, options.target_ort, what="the fp32 model")
+    save_atomic(proto, path)
+    return info
+
+
+def _fit_int8(path: str, options: ExportOptions) -> List[str]:
+    if not options.target_ort:
+        return []
+    import onnx
+
+    proto = onnx.load(path)
+    fixes = ortcompat.fit_target(proto, options.target_ort, what="the int8 model")
+    if fixes:
+        save_atomic(proto, path)
+    return fixes
+
+
+def _artifact_facts(path: str) -> dict:
+    """What the written file really holds: opset, IR version, input/output names and shapes."""
+    import onnx
+
+    from .export import default_opset, io_info
+
+    proto = onnx.load(path, load_external_data=False)
+    facts = {"opset": default_opset(proto), "ir_version": int(proto.ir_version)}
+    facts.update(io_info(proto))
+    return facts
+
+
+def _build(*, loaded, contract: Contract, options: ExportOptions, precisions, calib_frames,
+           val_frames, staging: str, log) -> dict:
     """Write every artifact into ``staging``; returns the report (paths still in staging)."""
-    log("exporting {} {}x{} to ONNX opset {}".format(contract.arch, contract.height,
-                                                     contract.width, opset))
-    proto, export_info = export_proto(model=loaded.model, size_hw=contract.input_size, opset=opset,
-                                      contract=contract, input_channels=contract.channels)
-    proto, simplify_info = simplify_model(model_proto=proto)
-    log("simplify: " + simplify_info["message"])
-    fp32_path = os.path.join(staging, artifact_name("fp32"))
-    save_atomic(proto, fp32_path)
-    del proto
-    built = {"fp32": fp32_path}
+    built = {"fp32": os.path.join(staging, artifact_name("fp32"))}
+    export_info = _export_fp32(loaded=loaded, contract=contract, options=options,
+                               path=built["fp32"], log=log)
+    fixes = list(export_info["fixes"])
     warnings = [w for w in export_info["warnings"] if not any(d in w for d in DELIBERATE)]
     quant_info = None
     if "int8" in precisions:
         built["int8"] = os.path.join(staging, artifact_name("int8"))
-        quant_info = quantize_int8(fp32_path=fp32_path, out_path=built["int8"],
+        quant_info = quantize_int8(fp32_path=built["fp32"], out_path=built["int8"],
                                    frames=calib_frames, contract=contract, log=log)
         warnings += quant_info.pop("warnings", [])
+        fixes += _fit_int8(built["int8"], options)
     artifacts = []
     for precision in precisions:
         log("validating {} on {} frames against PyTorch".format(precision, len(val_frames)))
         parity = validate_artifact(onnx_path=built[precision], torch_model=loaded.model,
                                    frames=val_frames, precision=precision)
-        entry = {"precision": precision, "staged": built[precision], "opset": opset,
-                 "ok": parity.ok, "failures": list(parity.failures),
+        entry = {"precision": precision, "staged": built[precision], "ok": parity.ok,
+                 "failures": list(parity.failures),
                  "parity": {k: getattr(parity, k) for k in ("max_abs_err", "mean_abs_err",
                                                              "mask_iou", "pixel_agreement",
                                                              "images")}}
+        entry.update(_artifact_facts(built[precision]))
         if precision == "int8":
             entry["quantization"] = quant_info
         for failure in parity.failures:
             log("{}: parity FAILED: {}".format(precision, failure))
         artifacts.append(entry)
+    export = {k: export_info[k] for k in ("opset", "ir_version", "nodes", "inputs", "outputs",
+                                          "exporter", "heads", "dynamic_hw")}
+    export["dynamic_check"] = export_info.get("dynamic_check")
+    for warning in warnings:
+        log("warning: " + warning)
     return {"ok": all(a["ok"] for a in artifacts), "artifacts": artifacts,
-            "simplify": simplify_info, "export": {k: export_info[k] for k in (
-                "opset", "ir_version", "nodes", "inputs", "outputs")},
+            "simplify": export_info["simplify"], "export": export, "fixes": fixes,
             "warnings": warnings}
 
 

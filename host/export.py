@@ -1,19 +1,15 @@
 """PyTorch model -> one self-contained, standard-domain ONNX file carrying the edgeseg contract.
 
-The TorchScript exporter is chosen explicitly (``dynamo=False``): torch's default dynamo exporter
-needs onnxscript and turns an opset-11 request into opset 18 with external data.  Whatever torch
-writes is checked afterwards: the opset asked for, only the standard ``ai.onnx`` domain, no
+The TorchScript exporter is the default (``--exporter dynamo`` needs onnxscript and writes opset 18
+or newer; see ``exporters.py``).  Whatever torch writes is checked afterwards: the opset asked for, only the standard ``ai.onnx`` domain, no
 external data, and ``onnx.checker``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import sys
 import uuid
-import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import onnx
@@ -23,6 +19,7 @@ from torch import nn
 from edgeseg.device.contract import Contract
 
 from .errors import ExportError, UsageError
+from .exporters import run_export
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -42,11 +39,28 @@ class FinalOutput(nn.Module):
         return final_logits(self.model(x))
 
 
+class AllHeads(nn.Module):
+    """Exports every head of a deep-supervision model: the final head first, then the others."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = list(self.model(x))
+        return tuple([out[-1]] + out[:-1])
+
+
 def final_logits(output):
     """The logits a segmentation net is judged by: the last head when it returns several."""
     if isinstance(output, (list, tuple)):
         return output[-1]
     return output
+
+
+def head_names(count: int) -> List[str]:
+    """Output names for ``AllHeads``: ``logits`` (the final head), then ``logits_head1``..."""
+    return [OUTPUT_NAME] + ["{}_head{}".format(OUTPUT_NAME, i) for i in range(1, count)]
 
 
 def check_size(size_hw: Sequence[int]) -> Tuple[int, int]:
@@ -79,7 +93,8 @@ def check_standard(model_proto: onnx.ModelProto, *, opset: int, stage: str) -> N
     if found != opset:
         raise ExportError("{} wrote opset {}, but opset {} was requested.".format(
             stage, found, opset),
-                          "Pick an opset this torch/onnx pair supports (11..20), e.g. --opset 17.")
+            "Pick an opset this exporter writes as asked (the dynamo exporter starts at opset "
+            "18; the TorchScript exporter writes 11..20), e.g. --opset 17.")
     other = sorted({e.domain for e in model_proto.opset_import if e.domain not in STANDARD_DOMAINS}
                    | {n.domain for n in model_proto.graph.node if n.domain not in STANDARD_DOMAINS})
     if other:
@@ -135,46 +150,60 @@ def _parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def _heads(model: nn.Module, dummy: torch.Tensor) -> int:
+    """How many outputs the model returns (1 for a plain tensor)."""
+    with torch.no_grad():
+        out = model(dummy)
+    return len(out) if isinstance(out, (list, tuple)) else 1
+
+
 def export_proto(*, model: nn.Module, size_hw: Sequence[int], opset: int, contract: Contract,
-                 input_channels: int) -> Tuple[onnx.ModelProto, dict]:
-    """Export ``model`` in memory; returns the checked ModelProto (contract attached) and info."""
+                 input_channels: int, all_heads: bool = False, dynamic_hw: bool = False,
+                 exporter: str = "torchscript") -> Tuple[onnx.ModelProto, dict]:
+    """Export ``model`` in memory; returns the checked ModelProto (contract attached) and info.
+
+    A deep-supervision model gives its final head as the single output ``logits``; with
+    ``all_heads`` every head is an output (``logits`` first, then ``logits_head1``...).
+    ``dynamic_hw`` makes height and width symbolic (checked by ``dynamic.check_dynamic_hw``).
+    """
     h, w = check_size(size_hw)
     if _parameter_bytes(model) > PROTOBUF_LIMIT:
         raise ExportError("The model's weights exceed protobuf's 2 GB limit for one ONNX file.",
                           "edgeseg exports single-file models only; use a smaller network.")
-    wrapped = FinalOutput(model).eval()
+    model.eval()
     dummy = torch.zeros(1, int(input_channels), h, w, dtype=torch.float32)
-    buffer = io.BytesIO()
-    caught: List[str] = []
-    try:
-        with warnings.catch_warnings(record=True) as records, \
-                contextlib.redirect_stdout(sys.stderr), torch.no_grad():
-            warnings.simplefilter("always")
-            torch.onnx.export(
-                wrapped, (dummy,), buffer, dynamo=False, opset_version=int(opset),
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                do_constant_folding=True, export_params=True)
-        caught = _unique("{}: {}".format(r.category.__name__, r.message) for r in records)
-    except Exception as exc:  # torch raises many types (SymbolicValueError, RuntimeError, ...)
-        raise ExportError("torch.onnx.export (TorchScript exporter, opset {}) failed: {}".format(
-            opset, first_line(exc)),
-            "Try another --opset (11..20); check that the model runs on a 1x{}x{}x{} input.".format(
-                input_channels, h, w)) from exc
-    proto = onnx.load_from_string(buffer.getvalue())
+    count = _heads(model, dummy)
+    fixes = []
+    if count > 1 and all_heads:
+        wrapped, outputs = AllHeads(model).eval(), head_names(count)
+    else:
+        wrapped, outputs = FinalOutput(model).eval(), [OUTPUT_NAME]
+        if count > 1:
+            fixes.append("deep supervision: exported the final head (output {} of {}) as "
+                         "'logits'; {} auxiliary head(s) dropped (--all-heads keeps them)".format(
+                             count, count, count - 1))
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
+    proto, caught = run_export(module=wrapped, dummy=dummy, opset=int(opset), exporter=exporter,
+                               input_names=[INPUT_NAME], output_names=outputs,
+                               dynamic_axes={name: dict(axes) for name in [INPUT_NAME] + outputs})
     attach_metadata(proto, contract)
-    check_standard(proto, opset=int(opset), stage="torch.onnx.export")
+    check_standard(proto, opset=int(opset), stage="torch.onnx.export ({})".format(exporter))
     info = {"opset": default_opset(proto), "ir_version": int(proto.ir_version),
-            "nodes": len(proto.graph.node), "warnings": caught}
+            "nodes": len(proto.graph.node), "warnings": caught, "exporter": exporter,
+            "heads": {"model_outputs": count, "exported": outputs}, "fixes": fixes,
+            "dynamic_hw": bool(dynamic_hw)}
     info.update(io_info(proto))
     return proto, info
 
 
 def export_onnx(*, model: nn.Module, path: str, size_hw: Sequence[int], opset: int,
-                contract: Contract, input_channels: int) -> dict:
-    """Export ``model`` to ``path`` (written atomically) and return what was written."""
+                contract: Contract, input_channels: int, **options) -> dict:
+    """Export ``model`` to ``path`` (written atomically) and return what was written.
+
+    ``options``: ``all_heads``, ``dynamic_hw``, ``exporter`` as for :func:`export_proto`.
+    """
     proto, info = export_proto(model=model, size_hw=size_hw, opset=opset, contract=contract,
-                               input_channels=input_channels)
+                               input_channels=input_channels, **options)
     info["bytes"] = save_atomic(proto, path)
     info["path"] = str(path)
     return info
@@ -203,12 +232,3 @@ def first_line(exc: Exception) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0][:400] if text else type(exc).__name__
-
-
-def _unique(items) -> List[str]:
-    seen: List[str] = []
-    for item in items:
-        text = str(item).strip()
-        if text and text not in seen:
-            seen.append(text)
-    return seen

@@ -63,7 +63,8 @@ def test_fp32_export_writes_checked_artifact_and_report(tmp_path, nested_ckpt, v
     assert art["parity"]["images"] == 3 and art["parity"]["max_abs_err"] <= 1e-3
     assert [(e.domain, e.version) for e in onnx.load(str(path)).opset_import] == [("", 11)]
     assert report["validation"] == {"source": "--val", "images": 3}
-    assert set(report["versions"]) == {"torch", "onnx", "onnxruntime", "onnxsim", "edgeseg"}
+    assert set(report["versions"]) == {"torch", "onnx", "onnxruntime", "onnxsim", "onnxscript",
+                                       "edgeseg"}
     assert report["contract"]["input_size"] == [SIZE, SIZE]  # from config.yml input_h/input_w
     assert report["checkpoint"]["matched_keys"] > 0
     assert report["simplify"]["simplified"] is True
