@@ -93,8 +93,9 @@ def check_standard(model_proto: onnx.ModelProto, *, opset: int, stage: str) -> N
     if found != opset:
         raise ExportError("{} wrote opset {}, but opset {} was requested.".format(
             stage, found, opset),
-            "Pick an opset this exporter writes as asked (the dynamo exporter starts at opset "
-            "18; the TorchScript exporter writes 11..20), e.g. --opset 17.")
+            "Pick an opset this exporter writes as asked: the dynamo exporter builds opset 18 "
+            "and cannot convert every model down (use --opset 18 or newer with it), the "
+            "TorchScript exporter writes 11..20 (--exporter torchscript --opset 17).")
     other = sorted({e.domain for e in model_proto.opset_import if e.domain not in STANDARD_DOMAINS}
                    | {n.domain for n in model_proto.graph.node if n.domain not in STANDARD_DOMAINS})
     if other:

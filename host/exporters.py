@@ -48,9 +48,10 @@ def check_opset_request(*, opset: int, exporter: str) -> None:
 
 def align_corners_layers(model: nn.Module) -> List[str]:
     """Names of the Upsample layers doing bilinear interpolation with ``align_corners=True``."""
-    return [name or type(model).__name__ for name, m in model.named_modules()
-            if isinstance(m, nn.Upsample) and m.mode in ("bilinear", "bicubic", "trilinear")
-            and m.align_corners]
+    found = [name or type(model).__name__ for name, m in model.named_modules()
+             if isinstance(m, nn.Upsample) and m.mode in ("bilinear", "bicubic", "trilinear")
+             and m.align_corners]
+    return [n[len("model."):] if n.startswith("model.") else n for n in found]  # edgeseg's wrapper
 
 
 def _align_corners_error(opset: int, layers: Sequence[str]) -> ExportError:
@@ -71,21 +72,25 @@ def check_model_opset(model: nn.Module, opset: int) -> None:
 
 
 @contextlib.contextmanager
-def quiet_stderr_fd():
-    """Swallow what torch's C++ side writes to fd 2 (whole TorchScript graphs on errors)."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        yield
-        return
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
+def quiet_fds():
+    """Swallow what torch's C++ side writes to fds 1 and 2 (whole TorchScript graphs on errors),
+    so that stdout stays clean for ``--json``; Python warnings are collected separately."""
+    saved = []
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.flush()
+    fds = (1, 2)  # what C++ writes to, whatever Python's sys.stdout is at the moment
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
         try:
+            for fd in fds:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(sink.fileno(), fd)
             yield
         finally:
-            os.dup2(saved, fd)
-            os.close(saved)
+            for fd, copy in reversed(saved):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def _torchscript(module, dummy, opset, input_names, output_names, dynamic_axes) -> bytes:
@@ -113,7 +118,8 @@ def _dynamo(module, dummy, opset, input_names, output_names, dynamic_axes) -> by
 def _lowest_working_opset(run, opset: int, exporter: str) -> Optional[int]:
     for candidate in range(int(opset) + 1, max_opset(exporter) + 1):
         try:
-            with quiet_stderr_fd():
+            with quiet_fds(), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 run(candidate)
             return candidate
         except Exception:  # any failure: this opset does not work either
@@ -155,7 +161,7 @@ def run_export(*, module: nn.Module, dummy: torch.Tensor, opset: int, exporter: 
 
     try:
         with warnings.catch_warnings(record=True) as records, \
-                contextlib.redirect_stdout(sys.stderr), quiet_stderr_fd(), torch.no_grad():
+                quiet_fds(), torch.no_grad():
             warnings.simplefilter("always")
             data = run(opset)
     except ExportError:
