@@ -228,7 +228,8 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
                         calib_frames=calib_frames, val_frames=val_frames, staging=staging, log=log)
         report.update(versions=vers, validation=val_info, contract=contract.to_dict(),
                       checkpoint=loaded.report, options=dataclasses.asdict(options))
-        report["fixes"] = loaded.report["fixes"] + report["fixes"]
+        report["fixes"] = (loaded.report["fixes"] + ["inferred " + i for i in
+                                                     loaded.report["inferred"]] + report["fixes"])
         if val_info.get("same_as_calib"):
             report["warnings"].append("--val is the same source as --calib: the validation "
                                       "images were also calibration images")
@@ -293,6 +294,7 @@ def _build(*, loaded, contract: Contract, options: ExportOptions, precisions, ca
                                path=built["fp32"], log=log)
     fixes = list(export_info["fixes"])
     warnings = [w for w in export_info["warnings"] if not any(d in w for d in DELIBERATE)]
+    suppressed = [w for w in export_info["warnings"] if w not in warnings]
     quant_info = None
     if "int8" in precisions:
         built["int8"] = os.path.join(staging, artifact_name("int8"))
@@ -318,7 +320,8 @@ def _build(*, loaded, contract: Contract, options: ExportOptions, precisions, ca
         artifacts.append(entry)
     export = {k: export_info[k] for k in ("opset", "ir_version", "nodes", "inputs", "outputs",
                                           "exporter", "heads", "dynamic_hw")}
-    export["dynamic_check"] = export_info.get("dynamic_check")
+    export.update(dynamic_check=export_info.get("dynamic_check"),
+                  expected_warnings=suppressed)  # torch's notice about the exporter edgeseg chose
     for warning in warnings:
         log("warning: " + warning)
     return {"ok": all(a["ok"] for a in artifacts), "artifacts": artifacts,
