@@ -146,7 +146,8 @@ def _infer(state: Dict[str, torch.Tensor], name: str):
             "Cannot infer {} of checkpoint: it has no 4-D {} (first keys: {}).".format(
                 name, key, first),
             "This does not look like a pytorch-nested-unet NestedUNet/UNet; put its config.yml "
-            "next to the .pth or pass --arch, --num-classes and --input-channels.")
+            "next to the .pth, pass --arch, --num-classes and --input-channels, or for another "
+            "network --arch package.module:ClassName --arch-kwargs JSON --code-path DIR.")
     value = shape[1] if name == "input_channels" else shape[0]
     return int(value), "{}={} (from {} shape {})".format(name, value, key, list(shape))
 
@@ -203,10 +204,7 @@ def _load_strict(model: torch.nn.Module, state, path: Path, config: dict) -> int
 
 def _user_config(state, file_config: dict, overrides: dict, kwargs: dict):
     """Config of a ``--arch module:Class`` model: explicit flags, else its kwargs / weights."""
-    config, inferred = userarch.describe(state, kwargs)
-    for name in ("num_classes", "input_channels"):
-        if overrides.get(name) is not None:
-            config[name] = int(overrides[name])
+    config, inferred = userarch.describe(state, kwargs, overrides)
     config.update(arch=overrides["arch"], deep_supervision=False)
     for name in ("input_h", "input_w"):
         if file_config.get(name) is not None:

@@ -65,13 +65,17 @@ def _weights(state: Dict[str, torch.Tensor]) -> List[Tuple[str, tuple]]:
     return [(k, tuple(v.shape)) for k, v in state.items() if k.endswith("weight") and v.dim() == 4]
 
 
-def describe(state: Dict[str, torch.Tensor], kwargs: dict) -> Tuple[dict, List[str]]:
-    """num_classes / input_channels of a user architecture: its kwargs, else its conv weights."""
+def describe(state: Dict[str, torch.Tensor], kwargs: dict,
+             overrides: dict) -> Tuple[dict, List[str]]:
+    """num_classes / input_channels of a user architecture: the flags, its kwargs, else its conv
+    weights (the last conv's outputs, the first conv's inputs)."""
     config, inferred = {}, []
     convs = _weights(state)
     for name, keys, index, pick in (("num_classes", CLASS_KWARGS, 0, -1),
                                     ("input_channels", CHANNEL_KWARGS, 1, 0)):
-        given = next((kwargs[k] for k in keys if isinstance(kwargs.get(k), int)), None)
+        given = overrides.get(name)
+        if given is None:
+            given = next((kwargs[k] for k in keys if isinstance(kwargs.get(k), int)), None)
         if given is not None:
             config[name] = int(given)
         elif convs:
