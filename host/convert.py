@@ -250,7 +250,7 @@ def _export_fp32(*, loaded, contract: Contract, options: ExportOptions, path: st
                                opset=options.opset, contract=contract,
                                input_channels=contract.channels, all_heads=options.all_heads,
                                dynamic_hw=options.dynamic_hw, exporter=options.exporter)
-    proto, info["simplify"] = simplify_model(model_proto=proto)
+    proto, info["simplify"] = simplify_model(model_proto=proto, test_hw=contract.input_size)
     log("simplify: " + info["simplify"]["message"])
     if options.dynamic_hw:
         info["dynamic_check"] = check_dynamic_hw(proto=proto, model=loaded.model,

@@ -42,6 +42,7 @@ def test_dynamic_nested_unet_export_validates_and_runs_any_frame_size(tmp_path, 
     report = convert(checkpoint=ckpt, out_dir=tmp_path / "out", precisions=("fp32",),
                      val=str(val), dynamic_hw=True, log=quiet)
     assert report["ok"], report["artifacts"][0]["failures"]
+    assert report["simplify"]["simplified"] is True, report["simplify"]
     check = report["export"]["dynamic_check"]
     assert check["checked_sizes"] == ["256x256", "320x480"]
     assert all(err <= 1e-3 for err in check["max_abs_err"].values())
@@ -84,3 +85,21 @@ def test_dynamic_check_refuses_sizes_not_multiple_of_16():
                             dynamic_hw=True)
     with pytest.raises(UsageError, match="multiple of 16"):
         check_dynamic_hw(proto=proto, model=model, channels=3, sizes=[(64, 64), (250, 250)])
+
+
+def test_dynamic_int8_calibrates_on_frames_of_different_sizes(tmp_path):
+    image, _ = nuclei_arrays()
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    sizes = [(48, 48), (64, 80), (50, 70), (96, 64), (48, 48), (64, 64), (80, 48), (48, 96)]
+    for i, (h, w) in enumerate(sizes):  # a user's folder: photos of several sizes
+        crop = image[40 * i:40 * i + h, 30 * i:30 * i + w]
+        Image.fromarray(np.repeat(crop[:, :, None], 3, axis=2)).save(calib / "c{}.png".format(i))
+    ckpt = write_checkpoint(tmp_path / "ckpt", random_net("unet", seed=43), arch="UNet", size=SIZE)
+    report = convert(checkpoint=ckpt, out_dir=tmp_path / "out", calib=str(calib), calib_count=6,
+                     dynamic_hw=True, log=quiet)
+    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "int8"]
+    assert all(a["parity"]["images"] == 2 for a in report["artifacts"])
+    int8 = report["artifacts"][1]
+    assert int8["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert Runner(int8["path"], providers=["cpu"]).contract.dynamic_hw is True
