@@ -18,7 +18,7 @@ import yaml
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .archs import ARCHS, arch_name
-from .errors import CheckpointError
+from .errors import CheckpointError, short_reason
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 PREFIXES = ("module.", "_orig_mod.")
@@ -52,14 +52,14 @@ def _check_path(path) -> Path:
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:
     with open(str(path), "rb") as handle:
         head = handle.read(4)
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    detail = short_reason((str(exc).strip().splitlines() or [type(exc).__name__])[0], 160)
     if not head:
         what = "is empty (0 bytes)"
     elif head.startswith(b"PK"):
-        what = "is a damaged or truncated torch.save archive ({})".format(detail[:160])
+        what = "is a damaged or truncated torch.save archive ({})".format(detail)
     elif head.startswith(b"\x80"):
         what = "is a damaged or truncated legacy torch.save pickle ({}: {})".format(
-            type(exc).__name__, detail[:160])
+            type(exc).__name__, detail)
     else:
         what = "is not a PyTorch checkpoint (it starts with {!r})".format(head)
     return CheckpointError(

@@ -21,7 +21,7 @@ from edgeseg.device.contract import IMAGENET_MEAN, IMAGENET_STD, Contract
 from edgeseg.device.sources import sample_frames, uri_to_path
 
 from .errors import ExportError, UsageError
-from .export import check_size, export_proto, save_atomic
+from .export import check_opset, check_size, export_proto, save_atomic
 from .quantize import MIN_PER_CHANNEL_OPSET, quantize_int8
 from .simplify import simplify_model
 from .validate import validate_artifact
@@ -61,6 +61,7 @@ def _check_request(*, precisions: Sequence[str], size, opset: int, calib, val) -
     if bad or not precisions:
         raise UsageError("Unknown or missing precision: {}.".format(", ".join(bad) or "none"),
                          "Use fp32, int8 or both.")
+    check_opset(opset)
     if size is not None:
         size = list(check_size(size if isinstance(size, (list, tuple)) else (size, size)))
     if "int8" in precisions and not calib:
@@ -144,7 +145,8 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict) -> Co
                          "Fix config.yml (input_channels, num_classes, input_h/input_w).") from exc
 
 
-def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None, size=None,
+def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None,
+            deep_supervision=None, size=None,
             opset: int = 17, precisions=PRECISIONS, calib=None, val=None, calib_count: int = 32,
             log: Optional[Callable[[str], None]] = None) -> dict:
     """Export, simplify, quantize and validate; returns (and writes) the export.json report."""
@@ -157,14 +159,18 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError("--out {} exists and is not a folder.".format(out_dir),
                          "Pass a new or existing folder.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("Cannot create the output folder {}: {}.".format(out_dir, exc.strerror),
+                         "Pass --out a folder you can write to.") from exc
     log("loading checkpoint {}".format(checkpoint))
     loaded = load_checkpoint(str(checkpoint), arch=arch, num_classes=num_classes,
-                             input_channels=input_channels)
+                             input_channels=input_channels, deep_supervision=deep_supervision)
     vers = versions()
     contract = build_contract(loaded=loaded, size=size, arch=loaded.arch, vers=vers)
     calib_frames, val_frames, val_info = _gather_frames(
         calib=calib, val=val, calib_count=calib_count, need_calib="int8" in precisions, log=log)
-    os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
         report = _build(loaded=loaded, contract=contract, opset=int(opset), precisions=precisions,

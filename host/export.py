@@ -22,13 +22,15 @@ from torch import nn
 
 from edgeseg.device.contract import Contract
 
-from .errors import ExportError, UsageError
+from .errors import ExportError, UsageError, short_reason
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 STANDARD_DOMAINS = ("", "ai.onnx")
 PROTOBUF_LIMIT = 2 ** 31 - 1  # one ONNX protobuf cannot exceed 2 GB
 SIZE_MULTIPLE = 16  # four 2x poolings
+MIN_OPSET = 11  # Resize with align_corners coordinates (bilinear upsampling of NestedUNet / UNet)
+MAX_OPSET = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
 
 
 class FinalOutput(nn.Module):
@@ -79,7 +81,8 @@ def check_standard(model_proto: onnx.ModelProto, *, opset: int, stage: str) -> N
     if found != opset:
         raise ExportError("{} wrote opset {}, but opset {} was requested.".format(
             stage, found, opset),
-                          "Pick an opset this torch/onnx pair supports (11..20), e.g. --opset 17.")
+                          "Pick an opset this torch/onnx pair supports ({}..{}), e.g. --opset "
+                          "17.".format(MIN_OPSET, MAX_OPSET))
     other = sorted({e.domain for e in model_proto.opset_import if e.domain not in STANDARD_DOMAINS}
                    | {n.domain for n in model_proto.graph.node if n.domain not in STANDARD_DOMAINS})
     if other:
@@ -135,6 +138,37 @@ def _parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send file descriptor 1 to stderr: torch's C++ code prints graphs straight to stdout, which
+    would break ``--json`` (stdout carries only JSON)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def check_opset(opset: int) -> int:
+    """Refuse opsets the TorchScript exporter cannot write for these models, before any work."""
+    opset = int(opset)
+    if opset < MIN_OPSET:
+        raise UsageError("--opset {} is too old: bilinear upsampling with align_corners=True (used "
+                         "by NestedUNet and UNet) is only expressible with Resize from opset "
+                         "{}.".format(opset, MIN_OPSET),
+                         "Use --opset {} or newer (17 is the default).".format(MIN_OPSET))
+    if opset > MAX_OPSET:
+        raise UsageError("--opset {} is newer than torch {}'s TorchScript exporter writes (at most "
+                         "{}).".format(opset, torch.__version__, MAX_OPSET),
+                         "Use --opset {} or lower (17 is the default).".format(MAX_OPSET))
+    return opset
+
+
 def export_proto(*, model: nn.Module, size_hw: Sequence[int], opset: int, contract: Contract,
                  input_channels: int) -> Tuple[onnx.ModelProto, dict]:
     """Export ``model`` in memory; returns the checked ModelProto (contract attached) and info."""
@@ -147,8 +181,7 @@ def export_proto(*, model: nn.Module, size_hw: Sequence[int], opset: int, contra
     buffer = io.BytesIO()
     caught: List[str] = []
     try:
-        with warnings.catch_warnings(record=True) as records, \
-                contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+        with warnings.catch_warnings(record=True) as records, stdout_to_stderr(), torch.no_grad():
             warnings.simplefilter("always")
             torch.onnx.export(
                 wrapped, (dummy,), buffer, dynamo=False, opset_version=int(opset),
@@ -159,8 +192,8 @@ def export_proto(*, model: nn.Module, size_hw: Sequence[int], opset: int, contra
     except Exception as exc:  # torch raises many types (SymbolicValueError, RuntimeError, ...)
         raise ExportError("torch.onnx.export (TorchScript exporter, opset {}) failed: {}".format(
             opset, first_line(exc)),
-            "Try another --opset (11..20); check that the model runs on a 1x{}x{}x{} input.".format(
-                input_channels, h, w)) from exc
+            "Try another --opset ({}..{}); check that the model runs on a 1x{}x{}x{} input.".format(
+                MIN_OPSET, MAX_OPSET, input_channels, h, w)) from exc
     proto = onnx.load_from_string(buffer.getvalue())
     attach_metadata(proto, contract)
     check_standard(proto, opset=int(opset), stage="torch.onnx.export")
@@ -202,7 +235,7 @@ def save_atomic(model_proto: onnx.ModelProto, path: str) -> int:
 def first_line(exc: Exception) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:400] if text else type(exc).__name__
+    return short_reason(text.splitlines()[0], 300) if text else type(exc).__name__
 
 
 def _unique(items) -> List[str]:
