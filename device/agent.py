@@ -18,6 +18,17 @@ from .runner import Runner
 from .sources import open_source
 
 
+def _writable_folder(folder: str, option: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("Cannot create the folder {} for {}: {}.".format(
+            folder, option, exc.strerror or exc), "Pass a path in a folder you can write to.")
+    if not os.access(folder, os.W_OK):
+        raise UsageError("The folder {} for {} is not writable.".format(folder, option),
+                         "Pass a path in a folder you can write to.")
+
+
 def _process(frame, runner, contract, sink):
     """Run one frame through preprocess / inference / postprocess; returns stage times in ms."""
     t0 = time.perf_counter()
@@ -46,6 +57,8 @@ def run_agent(*, model: str, source: str, frames: int, warmup: int = 5,
         raise UsageError("--frames must be >= 1 and --warmup >= 0 (got {} and {}).".format(
             frames, warmup), "Pass a positive frame count.")
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if report:
+        _writable_folder(os.path.dirname(os.path.abspath(os.path.expanduser(report))), "--report")
     runner = Runner(model, providers=providers, threads=threads)
     contract = runner.contract
     sink = open_sink(save_masks)
@@ -78,7 +91,10 @@ def run_agent(*, model: str, source: str, frames: int, warmup: int = 5,
     measured = len(times["total"])
     if measured == 0:
         raise SourceError("The source {} gave no frames to measure.".format(source),
-                          "Check the source, or pass --loop to repeat a short clip.")
+                          "Check the source; without --no-loop a short clip is started over.")
+    if measured < frames:
+        log("edgeseg-agent: warning: the source ended after {} of {} measured frames".format(
+            measured, frames))
     result = {
         "frames": measured,
         "frames_requested": frames,

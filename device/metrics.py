@@ -64,4 +64,13 @@ def device_info() -> dict:
         "board": board_model(),
         "python": platform.python_version(),
         "hostname": platform.node(),
+        "load_avg": _load_avg(),
     }
+
+
+def _load_avg():
+    """1/5/15-minute load averages: latency measured on a busy board is not the board's latency."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

@@ -25,8 +25,9 @@ def _ort():
         import onnxruntime
     except ImportError:
         raise ModelError("onnxruntime is not installed in this Python.",
-                         "Install it: python3 -m pip install onnxruntime (on a Jetson, NVIDIA's "
-                         "onnxruntime-gpu wheel for your JetPack).")
+                         "Install it in a virtual environment: python3 -m venv ~/edgeseg-venv && "
+                         "~/edgeseg-venv/bin/pip install numpy onnxruntime pillow (on a Jetson, "
+                         "NVIDIA's onnxruntime-gpu wheel for your JetPack).")
     return onnxruntime
 
 
@@ -37,14 +38,15 @@ def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
         wanted = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
         return wanted + ["CPUExecutionProvider"]
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
-    missing = [n for n in names if n not in available]
-    if missing:
+    usable = [n for n in names if n in available]
+    if not usable:  # with fallbacks listed (e.g. cuda,cpu) the report shows the fallback instead
         raise UsageError("This onnxruntime has no {} (it has {}).".format(
-            ", ".join(missing), ", ".join(available)),
-            "Pick one of the available providers or install an onnxruntime build that has it.")
-    if "CPUExecutionProvider" not in names:
-        names.append("CPUExecutionProvider")
-    return names
+            ", ".join(names), ", ".join(available)),
+            "Pick one of the available providers, list a fallback (e.g. --providers cuda,cpu), "
+            "or install an onnxruntime build that has it.")
+    if "CPUExecutionProvider" not in usable:
+        usable.append("CPUExecutionProvider")
+    return usable
 
 
 class Runner:
@@ -70,11 +72,13 @@ class Runner:
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
         self.model_path = model_path
-        self.requested_providers = resolve_providers(providers)
+        usable = resolve_providers(providers)
+        self.requested_providers = ([PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
+                                    if providers else usable)
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(model_path, sess_options=options,
-                                                providers=self.requested_providers)
+                                                providers=usable)
         except Exception as exc:  # onnxruntime raises its own exception types per build
             raise ModelError("onnxruntime {} cannot load {}: {}".format(
                 ort.__version__, model_path, str(exc).strip().splitlines()[0][:300]),
@@ -93,7 +97,7 @@ class Runner:
 
     @property
     def fell_back(self) -> bool:
-        """True when a requested accelerator provider is not active (onnxruntime fell back)."""
+        """True when a requested provider is not active (not in this build, or onnxruntime fell back)."""
         return any(p not in self.providers for p in self.requested_providers)
 
     def run(self, batch: np.ndarray) -> np.ndarray:

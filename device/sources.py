@@ -168,8 +168,9 @@ def _import_cv2(path: str):
         import cv2  # noqa: F401  (optional dependency)
     except ImportError:
         raise SourceError("Reading the video {} needs OpenCV, which is not installed.".format(path),
-                          "Install it on this machine: python3 -m pip install "
-                          "opencv-python-headless (or use a folder of images as the source).")
+                          "Install opencv-python-headless into the Python that runs this (e.g. "
+                          "~/edgeseg-venv/bin/pip install opencv-python-headless), or use a "
+                          "folder of images as the source.")
     return cv2
 
 
@@ -207,7 +208,7 @@ def _open_path(uri: str, path: str) -> FrameSource:
     if not os.path.exists(path):
         raise SourceError("The source {} does not exist.".format(path),
                           "Give an existing video file, image, folder of images or glob pattern "
-                          "(on the device, for the agent).")
+                          "(for 'edgeseg profile', a path on the device).")
     if path.lower().endswith(VIDEO_EXTS):
         return VideoFileSource(uri, path)
     if path.lower().endswith(IMAGE_EXTS):

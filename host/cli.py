@@ -1,4 +1,5 @@
-"""edgeseg: the host command line, a thin layer over the keyword-only Python API.
+"""edgeseg: export a PyTorch segmentation checkpoint to validated ONNX models, deploy them to a
+device over SSH, and measure how fast they run there.
 
 With ``--json`` stdout carries only JSON; progress and logs always go to stderr.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from edgeseg.device import __version__
@@ -49,6 +51,19 @@ def _size(value):
     return parts
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("{!r} is not a whole number".format(text))
+        if value < minimum:
+            raise argparse.ArgumentTypeError("must be at least {} (got {})".format(minimum, value))
+        return value
+    return parse
+
+
 def _add_target_options(p) -> None:
     p.add_argument("target", help="'local', [user@]host[:port], or a ~/.ssh/config alias")
     p.add_argument("--identity", help="private key file for SSH")
@@ -56,7 +71,8 @@ def _add_target_options(p) -> None:
     p.add_argument("--accept-new-host-key", action="store_true",
                    help="trust and record the host key of a host seen for the first time")
     p.add_argument("--install-dir", default="~/.edgeseg", help="where the agent and models live")
-    p.add_argument("--python", default="python3", help="the device's Python (default python3)")
+    p.add_argument("--python", help="the device's Python (default: python3 over SSH; on 'local' "
+                   "the Python running edgeseg)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
@@ -76,8 +92,10 @@ def _parser():
                     "(for --arch module:Class or a trusted whole pickled model)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="unpickle the file fully "
                     "(runs code from it): needed for a whole pickled model, torch.save(model)")
-    ex.add_argument("--num-classes", type=int)
-    ex.add_argument("--input-channels", type=int)
+    ex.add_argument("--num-classes", type=_count(1))
+    ex.add_argument("--input-channels", type=_count(1))
+    ex.add_argument("--deep-supervision", action="store_true", default=None,
+                    help="the checkpoint has the four deep-supervision heads (final1..final4)")
     ex.add_argument("--size", help="input H or HxW, multiples of 16 (default: config.yml, else 256)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default 17, or the newest "
                     "--target-ort reads); the written model must have exactly this opset")
@@ -96,7 +114,7 @@ def _parser():
                     "(e.g. 1.11 on a Jetson Nano): check opset and IR version against it")
     ex.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8")
     ex.add_argument("--calib", help="calibration images: folder, glob or video file")
-    ex.add_argument("--calib-count", type=int, default=32, help="calibration frames (default 32)")
+    ex.add_argument("--calib-count", type=_count(1), default=32, help="calibration frames (default 32)")
     ex.add_argument("--val", help="validation images (default: a held-out part of --calib)")
     ex.add_argument("--json", action="store_true", help="print only the JSON report on stdout")
 
@@ -108,14 +126,14 @@ def _parser():
     _add_target_options(pr)
     pr.add_argument("--source", required=True, help="frames on the device: video, folder, glob, file://")
     pr.add_argument("--model", help="deployed model file name (default: the last deployed)")
-    pr.add_argument("--frames", type=int, default=100)
-    pr.add_argument("--warmup", type=int, default=10)
-    pr.add_argument("--threads", type=int, help="onnxruntime intra-op threads on the device")
+    pr.add_argument("--frames", type=_count(1), default=100, help="measured frames (default 100)")
+    pr.add_argument("--warmup", type=_count(0), default=10, help="warm-up frames (default 10)")
+    pr.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads on the device")
     pr.add_argument("--save-masks", metavar="LOCAL_DIR", help="bring the masks of every frame back here")
 
     qs = sub.add_parser("quickstart", help="the whole path on this machine with bundled real data")
     qs.add_argument("--out", default="edgeseg-quickstart", help="work folder (default ./edgeseg-quickstart)")
-    qs.add_argument("--frames", type=int, default=40, help="measured frames per profile run")
+    qs.add_argument("--frames", type=_count(1), default=40, help="measured frames per profile run")
     qs.add_argument("--json", action="store_true")
     return parser
 
@@ -127,22 +145,26 @@ def _cmd_export(args) -> int:
 
     report = convert(checkpoint=args.checkpoint, out_dir=args.out, arch=args.arch,
                      num_classes=args.num_classes, input_channels=args.input_channels,
-                     size=_size(args.size), opset=args.opset, precisions=_precisions(args.precision),
+                     deep_supervision=args.deep_supervision, size=_size(args.size),
+                     opset=args.opset, precisions=_precisions(args.precision),
                      calib=args.calib, val=args.val, calib_count=args.calib_count,
                      trust=args.trust_checkpoint, code_path=args.code_path,
                      arch_kwargs=parse_kwargs(args.arch_kwargs), exporter=args.exporter,
                      all_heads=args.all_heads, dynamic_hw=args.dynamic_hw,
                      activation=args.activation, preset=args.preset, target_ort=args.target_ort,
                      log=log)
-    _emit(args, report, export_table(report) + "\n\nreport: {}/export.json".format(args.out))
+    _emit(args, report, export_table(report) + "\n\nreport: {}".format(
+        os.path.join(args.out, "export.json")))
     return 0 if report["ok"] else 1
 
 
 def _target(args):
     from .targets import open_target
 
+    if args.python is None:
+        args.python = sys.executable if args.target == "local" else "python3"
     return open_target(args.target, identity=args.identity, known_hosts=args.known_hosts,
-                       accept_new_host_key=args.accept_new_host_key)
+                       accept_new_host_key=args.accept_new_host_key, log=log)
 
 
 def _cmd_deploy(args) -> int:
@@ -191,6 +213,10 @@ def main(argv=None) -> int:
     except EdgesegError as exc:
         log("edgeseg: error: {}".format(exc))
         return exc.exit_code
+    except OSError as exc:  # a path the user gave that cannot be read or written
+        log("edgeseg: error: {}{}. Check the path and its permissions.".format(
+            exc.strerror or exc, ": " + str(exc.filename) if exc.filename else ""))
+        return 1
     except KeyboardInterrupt:
         log("edgeseg: interrupted")
         return 130

@@ -191,8 +191,8 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict,
                          "Fix config.yml (input_channels, num_classes, input_h/input_w).") from exc
 
 
-def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None, size=None,
-            opset: Optional[int] = None, precisions=PRECISIONS, calib=None, val=None,
+def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None,
+            deep_supervision=None, size=None, opset: Optional[int] = None, precisions=PRECISIONS, calib=None, val=None,
             calib_count: int = 32, trust: bool = False, code_path=None, arch_kwargs=None,
             exporter: str = "torchscript", all_heads: bool = False, dynamic_hw: bool = False,
             activation: str = "sigmoid", preset: str = "default", target_ort: Optional[str] = None,
@@ -210,9 +210,15 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError("--out {} exists and is not a folder.".format(out_dir),
                          "Pass a new or existing folder.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("Cannot create the output folder {}: {}.".format(out_dir, exc.strerror),
+                         "Pass --out a folder you can write to.") from exc
     log("loading checkpoint {}".format(checkpoint))
     loaded = load_checkpoint(str(checkpoint), arch=arch, num_classes=num_classes,
-                             input_channels=input_channels, trust=trust, code_path=code_path,
+                             input_channels=input_channels, deep_supervision=deep_supervision,
+                             trust=trust, code_path=code_path,
                              arch_kwargs=arch_kwargs)
     for fix in loaded.report["fixes"] + ["inferred " + i for i in loaded.report["inferred"]]:
         log("checkpoint: " + fix)
@@ -221,7 +227,6 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
                               options=options)
     calib_frames, val_frames, val_info = _gather_frames(
         calib=calib, val=val, calib_count=calib_count, need_calib="int8" in precisions, log=log)
-    os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
         report = _build(loaded=loaded, contract=contract, options=options, precisions=precisions,

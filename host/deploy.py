@@ -46,6 +46,10 @@ def validate_model(*, model_path) -> Contract:
     import onnx
 
     path = Path(model_path)
+    if path.is_dir():
+        raise ModelError("{} is a folder, not a model file.".format(path),
+                         "Pass the .onnx file written by 'edgeseg export' (e.g. {}/model.int8.onnx)."
+                         .format(path))
     if not path.is_file():
         raise ModelError("The model {} does not exist.".format(path),
                          "Pass the .onnx file written by 'edgeseg export'.")
@@ -143,12 +147,15 @@ def _last_json(text: str) -> Optional[dict]:
 
 
 def install_hint(*, python: str, missing: List[str]) -> str:
-    hint = "Install them there: {} -m pip install {}".format(
-        python, " ".join(shlex.quote(m) for m in missing))
+    packages = " ".join(shlex.quote(m) for m in missing)
+    hint = ("Install them there in a virtual environment (Raspberry Pi OS and Debian refuse pip "
+            "into the system Python): python3 -m venv ~/edgeseg-venv && ~/edgeseg-venv/bin/pip "
+            "install {}, then pass --python ~/edgeseg-venv/bin/python; or {} -m pip install {} "
+            "where that is allowed".format(packages, python, packages))
     if any(m.startswith("onnxruntime") for m in missing):
         hint += (" (on a Jetson, install NVIDIA's onnxruntime-gpu wheel for your JetPack instead "
                  "of onnxruntime)")
-    return hint + ", or pass --python with an interpreter that has them."
+    return hint + "."
 
 
 def check_agent(*, target, root: str, python: str) -> dict:

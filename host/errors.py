@@ -19,5 +19,14 @@ class DeployError(EdgesegError):
     """Upload, verification or switch-over on the target failed."""
 
 
-__all__ = ["EdgesegError", "ModelError", "SourceError", "UsageError", "CheckpointError",
+def short_reason(text: str, limit: int = 200) -> str:
+    """The first sentence of a library's error message, cut at a word boundary if still long."""
+    text = " ".join(str(text).split())
+    first = text.split(". ")[0].rstrip(".")
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+__all__ = ["short_reason", "EdgesegError", "ModelError", "SourceError", "UsageError", "CheckpointError",
            "ExportError", "TargetError", "DeployError"]

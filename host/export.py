@@ -18,7 +18,7 @@ from torch import nn
 
 from edgeseg.device.contract import Contract
 
-from .errors import ExportError, UsageError
+from .errors import ExportError, UsageError, short_reason
 from .exporters import run_export
 
 INPUT_NAME = "input"
@@ -232,4 +232,4 @@ def save_atomic(model_proto: onnx.ModelProto, path: str) -> int:
 def first_line(exc: Exception) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:400] if text else type(exc).__name__
+    return short_reason(text.splitlines()[0], 300) if text else type(exc).__name__

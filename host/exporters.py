@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import ExportError, UsageError
+from .errors import ExportError, UsageError, short_reason
 
 EXPORTERS = ("torchscript", "dynamo")
 MIN_OPSET = 7
@@ -141,7 +141,7 @@ def _translate(exc: Exception, *, opset: int, exporter: str, run, model) -> Expo
                 "model.".format(max_opset(exporter)))
         return ExportError("Opset {} cannot express the operator {} of this model{}.".format(
             opset, op, "; the lowest opset that can is {}".format(lowest) if lowest else ""), hint)
-    first = (text.strip().splitlines() or [type(exc).__name__])[0][:400]
+    first = short_reason((text.strip().splitlines() or [type(exc).__name__])[0], 300)
     return ExportError("torch.onnx.export ({} exporter, opset {}) failed: {}".format(
         exporter, opset, first),
         "Try another --opset (11..{}) or --exporter; check that the model runs on the example "

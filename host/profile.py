@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from .deploy import (AGENT_NAME, CURRENT_NAME, SHORT_TIMEOUT, _quiet, check_agent, ensure_agent,
                      run_checked)
-from .errors import TargetError
+from .errors import TargetError, UsageError
 
 
 def agent_timeout(*, frames: int, warmup: int) -> float:
@@ -70,6 +70,15 @@ def _agent_argv(*, python, root, model_path, source, frames, warmup, report, thr
     return argv
 
 
+def _local_folder(path) -> None:
+    """Create the local mask folder now, so a bad path fails before the device does any work."""
+    try:
+        os.makedirs(str(path), exist_ok=True)
+    except OSError as exc:
+        raise UsageError("Cannot create the local folder {} for the masks: {}.".format(
+            path, exc.strerror or exc), "Pass --save-masks a folder you can write to.") from exc
+
+
 def fetch_masks_dir(*, target, remote_dir: str, local_dir, log: Callable[[str], None]) -> int:
     """Copy every mask PNG of ``remote_dir`` into ``local_dir``; returns how many."""
     os.makedirs(local_dir, exist_ok=True)
@@ -86,6 +95,11 @@ def profile(*, target, source: str, frames: int = 100, warmup: int = 5,
             timeout: Optional[float] = None, log: Callable[[str], None] = _quiet) -> dict:
     """Measure the deployed model on ``target`` with frames from ``source`` (a path there)."""
     log = log or _quiet
+    if frames < 1 or warmup < 0:
+        raise UsageError("--frames must be at least 1 and --warmup at least 0 (got {} and {}).".format(
+            frames, warmup), "Pass e.g. --frames 100 --warmup 10.")
+    if fetch_masks:
+        _local_folder(fetch_masks)
     root = target.resolve(install_dir)
     ensure_agent(target=target, root=root, python=python, log=log)
     check_agent(target=target, root=root, python=python)
@@ -103,7 +117,8 @@ def profile(*, target, source: str, frames: int = 100, warmup: int = 5,
     if not res.ok:
         tail = (res.stderr.strip() or res.stdout.strip())[-1500:]
         raise TargetError("The agent failed on {} (exit {}): {}".format(
-            target.name, res.exit_code, tail), "Fix what the agent reports and run profile again.")
+            target.name, res.exit_code, tail), "Fix what the agent reports, then run the command "
+            "again.")
     result = _read_json(target, report)
     result.update({"target": target.name, "report_path": report})
     if masks:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from edgeseg.device.files import write_json
 
+from .errors import UsageError
 from .report import compare_table, export_table, table
 
 SCAN = 256  # window and model input size: windows are fed at the image's native scale
@@ -85,8 +86,15 @@ def quickstart(*, out_dir="edgeseg-quickstart", frames: int = 40, log=None) -> d
     from .train import demo_checkpoint
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if frames < 1:
+        raise UsageError("--frames must be at least 1 (got {}).".format(frames),
+                         "Pass e.g. --frames 40.")
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("Cannot use {} as the quickstart folder: {}.".format(
+            out, exc.strerror or exc), "Pass --out a new or existing folder.") from exc
     ckpt_dir = Path(demo_checkpoint(log=log))
     train_info = json.loads((ckpt_dir / "train.json").read_text())
     sources = build_sources(out_dir=out / "sources", log=log)
@@ -143,9 +151,12 @@ def summary_text(result: dict) -> str:
                 if key == "{} {}".format(source, p)}
         if reps:
             first = next(iter(reps.values()))
-            parts.append("\n== latency on '{}' ({}x{} frames, {} measured, {} on {})".format(
+            load = first["device"].get("load_avg")
+            parts.append("\n== latency on '{}' ({}x{} frames, {} measured, {} on {}{})".format(
                 source, first["frame_size"][1], first["frame_size"][0], first["frames"],
-                ",".join(first["providers"]), first["device"]["machine"]))
+                ",".join(first["providers"]), first["device"]["machine"],
+                ", load average {}: other work on the machine inflates these".format(load[0])
+                if load and load[0] > 0.5 * (first["device"].get("cpu_count") or 1) else ""))
             parts.append(compare_table(reps))
     rows = [[prec, v["heldout_iou"], v["frames"]] for prec, v in result["live_mask_iou"].items()]
     parts.append("\n== live masks vs expert ground truth (held-out right quarter of the nuclei image)")

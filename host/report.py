@@ -39,9 +39,12 @@ def latency_table(report: dict) -> str:
     for stage in STAGES:
         s = report["latency_ms"][stage]
         rows.append([stage, s["p50"], s["p90"], s["p95"], s["p99"], s["mean"], s["max"]])
-    head = "{target}: {frames} frames ({warmup} warm-up), {fps:.2f} FPS, {prov}, onnxruntime {ort}".format(
+    load = (report.get("device") or {}).get("load_avg")
+    head = ("{target}: {frames} frames ({warmup} warm-up), {fps:.2f} FPS, {prov}, onnxruntime {ort}"
+            "{load}").format(
         target=report.get("target", "?"), frames=report["frames"], warmup=report["warmup"],
-        fps=report["fps"] or 0.0, prov=",".join(report["providers"]), ort=report["onnxruntime"])
+        fps=report["fps"] or 0.0, prov=",".join(report["providers"]), ort=report["onnxruntime"],
+        load=", load average {}".format(load[0]) if load else "")
     return head + "\n" + table(["stage (ms)", "p50", "p90", "p95", "p99", "mean", "max"], rows)
 
 

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, short_reason
 
 
 def _numpy_globals() -> list:
@@ -107,10 +107,10 @@ def unreadable(path: Path, exc: Exception) -> CheckpointError:
     if not head:
         what = "is empty (0 bytes)"
     elif head.startswith(b"PK"):
-        what = "is a damaged or truncated torch.save archive ({})".format(detail[:160])
+        what = "is a damaged or truncated torch.save archive ({})".format(short_reason(detail, 160))
     elif head.startswith(b"\x80"):
         what = "is a damaged or truncated legacy torch.save pickle ({}: {})".format(
-            type(exc).__name__, detail[:160])
+            type(exc).__name__, short_reason(detail, 160))
     else:
         what = "is not a PyTorch checkpoint (it starts with {!r})".format(head)
     return CheckpointError(

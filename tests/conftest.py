@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,8 +17,11 @@ DATA = REPO / "examples" / "data"
 
 # One cache per test session (the trained demo model, the packed agent), never the user's ~/.cache.
 # EDGESEG_TEST_CACHE keeps it across runs when set (developers re-running the slow tests).
-os.environ["EDGESEG_CACHE_DIR"] = os.environ.get("EDGESEG_TEST_CACHE") or tempfile.mkdtemp(
-    prefix="edgeseg-test-cache-")
+if os.environ.get("EDGESEG_TEST_CACHE"):
+    os.environ["EDGESEG_CACHE_DIR"] = os.environ["EDGESEG_TEST_CACHE"]
+else:
+    os.environ["EDGESEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgeseg-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["EDGESEG_CACHE_DIR"], True)
 
 
 @pytest.fixture(autouse=True)

@@ -108,7 +108,7 @@ def test_target_without_onnxruntime(tiny_onnx, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     out = edgeseg("deploy", "local", tiny_onnx, "--install-dir", tmp_path / "dev",
                   "--python", venv / "bin" / "python")
-    assert_clear_error(out, "onnxruntime", "pip install")
+    assert_clear_error(out, "onnxruntime", "pip install", "venv")
     assert not (tmp_path / "dev" / "models" / "tiny.onnx").exists()
 
 
@@ -128,3 +128,51 @@ def test_deploy_and_profile_local_json(tiny_onnx, frames_dir, tmp_path):
     text = edgeseg("profile", "local", "--source", frames_dir, "--frames", 3, "--warmup", 0,
                    "--install-dir", dev, "--python", sys.executable)
     assert text.returncode == 0 and "inference" in text.stdout and "p95" in text.stdout
+
+
+@pytest.mark.parametrize("opset, words", [("25", "at most 20"), ("7", "opset 11")])
+def test_unsupported_opset_is_refused_and_stdout_stays_clean(small_checkpoint, tmp_path, opset, words):
+    out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out", "--opset", opset,
+                  "--precision", "fp32", "--val", tmp_path, "--json")
+    assert_clear_error(out, words)
+    assert out.stdout == ""
+
+
+def test_output_folder_that_cannot_be_created(small_checkpoint, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = edgeseg("export", small_checkpoint, "--out", blocker / "sub", "--precision", "fp32",
+                  "--val", tmp_path)
+    assert_clear_error(out, "Cannot create the output folder")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["export", "m.pth", "--out", "o", "--num-classes", "0"], "--num-classes"),
+    (["profile", "local", "--source", "x", "--frames", "0"], "--frames"),
+    (["profile", "local", "--source", "x", "--threads", "-2"], "--threads"),
+    (["quickstart", "--frames", "0"], "--frames"),
+])
+def test_nonsense_counts_are_refused_up_front(args, words):
+    out = edgeseg(*args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mask_folder_that_cannot_be_created_fails_before_the_run(tiny_onnx, frames_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = edgeseg("profile", "local", "--source", frames_dir, "--save-masks", blocker / "m",
+                  "--install-dir", tmp_path / "dev")
+    assert_clear_error(out, "--save-masks")
+    assert not (tmp_path / "dev" / "reports").exists()
+
+
+def test_quickstart_out_that_is_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = edgeseg("quickstart", "--out", blocker)
+    assert_clear_error(out, "quickstart folder")
+
+
+def test_deploying_a_folder_says_it_is_a_folder(tmp_path):
+    out = edgeseg("deploy", "local", tmp_path, "--install-dir", tmp_path / "dev")
+    assert_clear_error(out, "is a folder")

@@ -13,7 +13,7 @@ from PIL import Image
 from edgeseg.device import cli as agent_cli
 from edgeseg.device.agent import run_agent
 from edgeseg.device.contract import Contract
-from edgeseg.device.errors import ModelError, SourceError
+from edgeseg.device.errors import ModelError, SourceError, UsageError
 from edgeseg.device.postprocess import masks_from_logits
 from edgeseg.device.preprocess import preprocess
 from edgeseg.device.runner import Runner
@@ -166,3 +166,30 @@ def test_peak_memory_is_the_agents_own_not_its_parents():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 5 < float(out.stdout) < 400, out.stdout
     del ballast
+
+
+def test_missing_accelerator_with_a_listed_fallback_runs_on_cpu(tiny_onnx):
+    runner = Runner(str(tiny_onnx), providers=["cuda", "cpu"])
+    assert runner.providers == ["CPUExecutionProvider"]
+    assert runner.requested_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runner.fell_back
+    with pytest.raises(UsageError, match="CUDAExecutionProvider"):
+        Runner(str(tiny_onnx), providers=["cuda"])
+
+
+def test_unwritable_report_path_fails_before_measuring(tiny_onnx, frames_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = agent_cli.main(["run", "--model", str(tiny_onnx), "--source", str(frames_dir),
+                           "--frames", "2", "--report", str(blocker / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--report" in err and "Traceback" not in err
+    assert "warm-up done" not in err
+
+
+def test_short_source_warns_when_fewer_frames_than_asked(tiny_onnx, frames_dir):
+    messages = []
+    report = run_agent(model=str(tiny_onnx), source=str(frames_dir), frames=20, warmup=0,
+                       loop=False, log=messages.append)
+    assert report["frames"] == 8
+    assert any("8 of 20" in m for m in messages)
