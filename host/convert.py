@@ -191,6 +191,17 @@ def build_contract(*, loaded, size: Optional[list], arch: str, vers: dict,
                          "Fix config.yml (input_channels, num_classes, input_h/input_w).") from exc
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse an --out that can never be created, before any work (nothing is created yet)."""
+    parent = out_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError("Cannot create the output folder {}: {} is {}.".format(
+            out_dir, parent, "not a folder" if not os.path.isdir(parent) else "not writable"),
+            "Pass --out a folder you can write to.")
+
+
 def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None,
             deep_supervision=None, size=None, opset: Optional[int] = None, precisions=PRECISIONS, calib=None, val=None,
             calib_count: int = 32, trust: bool = False, code_path=None, arch_kwargs=None,
@@ -210,11 +221,7 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError("--out {} exists and is not a folder.".format(out_dir),
                          "Pass a new or existing folder.")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError("Cannot create the output folder {}: {}.".format(out_dir, exc.strerror),
-                         "Pass --out a folder you can write to.") from exc
+    _check_out_dir(out_dir)
     log("loading checkpoint {}".format(checkpoint))
     loaded = load_checkpoint(str(checkpoint), arch=arch, num_classes=num_classes,
                              input_channels=input_channels, deep_supervision=deep_supervision,
@@ -227,6 +234,7 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
                               options=options)
     calib_frames, val_frames, val_info = _gather_frames(
         calib=calib, val=val, calib_count=calib_count, need_calib="int8" in precisions, log=log)
+    os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
         report = _build(loaded=loaded, contract=contract, options=options, precisions=precisions,
