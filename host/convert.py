@@ -8,7 +8,6 @@ Everything is built in a staging folder inside ``out_dir`` and moved into place 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from edgeseg.device import __version__
-from edgeseg.device.files import file_sha256
+from edgeseg.device.files import file_sha256, write_json
 from edgeseg.device.contract import ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, PRESETS, Contract
 from edgeseg.device.sources import sample_frames, uri_to_path
 
@@ -361,11 +360,7 @@ def _publish(*, report: dict, staging: str, out_dir: str) -> None:
             if name not in written and os.path.exists(os.path.join(out_dir, name)):
                 os.unlink(os.path.join(out_dir, name))
                 report["warnings"].append("removed {} left by an earlier export".format(name))
-    tmp = os.path.join(staging, REPORT_NAME)
-    with open(tmp, "w") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, old_report)
+    write_json(old_report, report)
 
 
 __all__ = ["convert", "artifact_name", "build_contract", "versions"]

@@ -35,11 +35,9 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def nuclei():
     """The real nuclei image (uint8 HxW) and its ground-truth foreground mask (bool HxW)."""
-    import tifffile
+    from edgeseg.host.nuclei import load_nuclei
 
-    image = tifffile.imread(DATA / "img2d.tif")
-    mask = tifffile.imread(DATA / "mask2d.tif") > 0
-    return image.astype(np.uint8), mask
+    return load_nuclei()
 
 
 @pytest.fixture(scope="session")

@@ -14,18 +14,14 @@ from edgeseg.device.contract import Contract
 from edgeseg.device.preprocess import normalize, to_rgb_uint8
 from edgeseg.device.sources import Frame
 from edgeseg.host.archs import ARCHS
+from edgeseg.host.nuclei import load_nuclei
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE = REPO / "examples" / "data" / "img2d.tif"
-MASK = REPO / "examples" / "data" / "mask2d.tif"
 
 
 def nuclei_arrays():
-    import tifffile
-
-    image = np.asarray(tifffile.imread(str(IMAGE))).astype(np.uint8)
-    mask = np.asarray(tifffile.imread(str(MASK))) > 0
-    return image, mask
+    """The real nuclei image (uint8) and its foreground mask, read by the project's own loader."""
+    return load_nuclei()
 
 
 def crop_origins(count: int, size: int, *, seed: int = 0, x_max: int = 512) -> List[tuple]:
