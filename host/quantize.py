@@ -103,8 +103,13 @@ def _captured_logging():
 
 
 def quantize_int8(*, fp32_path: str, out_path: str, frames: Sequence, contract: Contract,
-                  log: Callable[[str], None]) -> dict:
-    """Write ``out_path`` (atomically): the INT8 QDQ model calibrated on ``frames``."""
+                  log: Callable[[str], None], method: str = "minmax",
+                  exclude_nodes: Sequence[str] = (), exclude_op_types: Sequence[str] = ()) -> dict:
+    """Write ``out_path`` (atomically): the INT8 QDQ model calibrated on ``frames``.
+
+    ``method``: minmax | entropy | percentile.  ``exclude_nodes`` (node names) and
+    ``exclude_op_types`` stay in float (no QDQ around them).
+    """
     frames = list(frames)
     if not frames:
         raise UsageError("INT8 quantization got no calibration frames.",
@@ -123,24 +128,37 @@ def quantize_int8(*, fp32_path: str, out_path: str, frames: Sequence, contract: 
     log("Calibrating INT8 on {} frames ({} per chunk)...".format(len(frames), stride))
     t0 = time.perf_counter()
     model, quant_warnings = _run_quantizer(fp32_path=fp32_path, out_path=out_path, reader=reader,
-                                           stride=stride)
+                                           stride=stride, method=method,
+                                           exclude_nodes=list(exclude_nodes),
+                                           exclude_op_types=list(exclude_op_types))
     info = {"calibration_frames": len(frames), "chunk": stride,
             "seconds": round(time.perf_counter() - t0, 2), "warnings": quant_warnings}
     return _finish(model=model, out_path=out_path, contract=contract, opset=opset, frames=frames,
                    info=info)
 
 
-def _run_quantizer(*, fp32_path: str, out_path: str, reader: CalibrationReader, stride: int):
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+
+
+def _run_quantizer(*, fp32_path: str, out_path: str, reader: CalibrationReader, stride: int,
+                   method: str = "minmax", exclude_nodes=None, exclude_op_types=None):
     """onnxruntime's quantize_static into a temp file beside ``out_path``; (model, warnings)."""
     folder = os.path.dirname(os.path.abspath(out_path))
     raw_path = os.path.join(folder, ".quant-raw-{}.onnx".format(os.getpid()))
+    op_types = None
+    if exclude_op_types:
+        from onnxruntime.quantization.registry import QDQRegistry
+
+        op_types = [t for t in QDQRegistry if t not in set(exclude_op_types)]
+    extra = {"CalibStridedMinMax": stride} if method == "minmax" else {}
     try:
         with _captured_logging() as quant_warnings:
             quantize_static(
                 fp32_path, raw_path, calibration_data_reader=reader, quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"CalibStridedMinMax": stride})
+                calibrate_method=METHODS[method], nodes_to_exclude=exclude_nodes or None,
+                op_types_to_quantize=op_types, extra_options=extra)
         return onnx.load(raw_path), quant_warnings
     except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidArgument, ...)
         raise ExportError("onnxruntime's quantizer failed: {}".format(first_line(exc)),

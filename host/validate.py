@@ -23,6 +23,8 @@ from .export import final_logits
 THRESHOLDS = {
     "fp32": {"max_abs_err": 1e-3, "mask_iou": 0.999},
     "int8": {"mask_iou": 0.98},
+    "int8-dynamic": {"mask_iou": 0.98},
+    "fp16": {"max_abs_err": 0.05, "mask_iou": 0.995},
 }
 
 
