@@ -28,12 +28,25 @@ def _emit(args, data: dict, text: str) -> None:
 
 
 def _precisions(value: str):
+    from .artifacts import PRECISIONS
+
     items = [p.strip() for p in value.split(",") if p.strip()]
-    bad = [p for p in items if p not in ("fp32", "int8")]
+    bad = [p for p in items if p not in PRECISIONS]
     if bad or not items:
         raise UsageError("Unknown precision {!r} in --precision {}.".format(
-            ",".join(bad), value), "Use a comma list of fp32 and int8, e.g. --precision fp32,int8.")
+            ",".join(bad), value), "Use a comma list of {}, e.g. --precision fp32,int8.".format(
+                ", ".join(PRECISIONS)))
     return tuple(items)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("{!r} is not a number".format(text))
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError("must be at least 0 and below 1 (got {})".format(value))
+    return value
 
 
 def _size(value):
@@ -112,10 +125,27 @@ def _parser():
                     "mean/std; pytorch-nested-unet: that repository's cv2/albumentations pipeline)")
     ex.add_argument("--target-ort", metavar="VERSION", help="onnxruntime release on the device "
                     "(e.g. 1.11 on a Jetson Nano): check opset and IR version against it")
-    ex.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8")
+    ex.add_argument("--precision", default="fp32,int8", help="comma list of fp32, int8 (static "
+                    "QDQ, calibrated), fp16 (for CUDA/TensorRT targets; slower on CPU), "
+                    "int8-dynamic (refused for conv nets unless --force); default fp32,int8")
     ex.add_argument("--calib", help="calibration images: folder, glob or video file")
-    ex.add_argument("--calib-count", type=_count(1), default=32, help="calibration frames (default 32)")
+    ex.add_argument("--calib-count", type=_count(1), default=32,
+                    help="calibration frames (default 32; a warning below 16)")
+    ex.add_argument("--calibration", choices=("minmax", "entropy", "percentile", "auto"),
+                    default="minmax", help="INT8 calibration method; auto tries each and keeps "
+                    "the best mask IoU vs FP32 (default minmax)")
+    ex.add_argument("--max-iou-drop", type=_fraction, default=0.01, help="largest INT8 mask-IoU "
+                    "loss vs FP32 accepted; beyond it the worst nodes are kept in float "
+                    "(default 0.01)")
+    ex.add_argument("--force", action="store_true", help="build --precision int8-dynamic even "
+                    "for a convolutional model (ConvInteger)")
     ex.add_argument("--val", help="validation images (default: a held-out part of --calib)")
+    ex.add_argument("--val-masks", metavar="DIR", help="ground-truth masks for the --val images "
+                    "(same file names, label > 0 = foreground): adds IoU vs ground truth")
+    ex.add_argument("--threads", type=_count(1), help="onnxruntime threads when measuring "
+                    "latency (default: every core; the same for every artifact)")
+    ex.add_argument("--measure-runs", type=_count(3), default=20,
+                    help="timed runs per artifact for the median latency (default 20)")
     ex.add_argument("--json", action="store_true", help="print only the JSON report on stdout")
 
     dp = sub.add_parser("deploy", help="push a model and the agent to a device, verified")
@@ -140,7 +170,7 @@ def _parser():
 
 def _cmd_export(args) -> int:
     from .convert import convert
-    from .report import export_table
+    from .report import precision_table
     from .userarch import parse_kwargs
 
     report = convert(checkpoint=args.checkpoint, out_dir=args.out, arch=args.arch,
@@ -148,12 +178,15 @@ def _cmd_export(args) -> int:
                      deep_supervision=args.deep_supervision, size=_size(args.size),
                      opset=args.opset, precisions=_precisions(args.precision),
                      calib=args.calib, val=args.val, calib_count=args.calib_count,
+                     val_masks=args.val_masks, calibration=args.calibration,
+                     max_iou_drop=args.max_iou_drop, force=args.force, threads=args.threads,
+                     measure_runs=args.measure_runs,
                      trust=args.trust_checkpoint, code_path=args.code_path,
                      arch_kwargs=parse_kwargs(args.arch_kwargs), exporter=args.exporter,
                      all_heads=args.all_heads, dynamic_hw=args.dynamic_hw,
                      activation=args.activation, preset=args.preset, target_ort=args.target_ort,
                      log=log)
-    _emit(args, report, export_table(report) + "\n\nreport: {}".format(
+    _emit(args, report, precision_table(report) + "\n\nreport: {}".format(
         os.path.join(args.out, "export.json")))
     return 0 if report["ok"] else 1
 

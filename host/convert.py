@@ -8,7 +8,6 @@ Everything is built in a staging folder inside ``out_dir`` and moved into place 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -19,28 +18,22 @@ from typing import Callable, List, Optional, Sequence
 from edgeseg.device import __version__
 from edgeseg.device.files import file_sha256, write_json
 from edgeseg.device.contract import ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, PRESETS, Contract
-from edgeseg.device.sources import sample_frames, uri_to_path
 
 from . import ortcompat
+from .artifacts import (DEFAULT_PRECISIONS, PRECISIONS, QuantOptions, add_speedups, artifact_name,
+                        assess, build_precision, fp16_cpu_warning)
 from .dynamic import check_dynamic_hw
 from .errors import ExportError, UsageError
 from .export import check_size, export_proto, save_atomic
 from .exporters import check_opset_request, max_opset
-from .quantize import MIN_PER_CHANNEL_OPSET, quantize_int8
+from .quantize import MIN_PER_CHANNEL_OPSET
 from .simplify import simplify_model
-from .validate import validate_artifact
+from .splits import gather_frames
 
-PRECISIONS = ("fp32", "int8")
 DEFAULT_SIZE = 256
-HOLDOUT_EVERY = 4  # without --val, every 4th calibration-source frame is held out for validation
-VAL_COUNT = 16
 REPORT_NAME = "export.json"
 # The TorchScript exporter is chosen on purpose (see export.py); its deprecation notice is not news.
 DELIBERATE = ("legacy TorchScript-based ONNX export", "The feature will be removed")
-
-
-def artifact_name(precision: str, ok: bool = True) -> str:
-    return "model.{}.onnx".format(precision) if ok else "model.{}.failed.onnx".format(precision)
 
 
 def _stderr(message: str) -> None:
@@ -71,7 +64,7 @@ def _check_request(*, precisions: Sequence[str], size, opset: int, calib, val) -
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise UsageError("Unknown or missing precision: {}.".format(", ".join(bad) or "none"),
-                         "Use fp32, int8 or both.")
+                         "Use a comma list of: {}.".format(", ".join(PRECISIONS)))
     if size is not None:
         size = list(check_size(size if isinstance(size, (list, tuple)) else (size, size)))
     if "int8" in precisions and not calib:
@@ -86,50 +79,6 @@ def _check_request(*, precisions: Sequence[str], size, opset: int, calib, val) -
         raise UsageError("Validation against PyTorch needs real images and none were given.",
                          "Pass --val FOLDER_OR_VIDEO (or --calib, whose held-out part is used).")
     return precisions, size
-
-
-def _gather_frames(*, calib, val, calib_count: int, need_calib: bool, log) -> tuple:
-    """(calibration frames, validation frames, validation info); never overlapping."""
-    if calib_count < 1:
-        raise UsageError("--calib-count must be at least 1 (got {}).".format(calib_count),
-                         "Use 32 or more for a stable INT8 calibration.")
-    calib_frames: List = []
-    if val:
-        val_frames = sample_frames(val, count=VAL_COUNT)
-        if not val_frames:
-            raise UsageError("--val {} gave no frames.".format(val),
-                             "Point it at a folder of images or a video.")
-        info = {"source": "--val", "images": len(val_frames)}
-        if calib and need_calib and _same_source(calib, val):
-            info["same_as_calib"] = True
-            log("warning: --val is the same source as --calib; validation images were also "
-                "used for calibration")
-        if calib and need_calib:
-            calib_frames = sample_frames(calib, count=calib_count)
-    else:
-        pool = sample_frames(calib, count=int(math.ceil(calib_count * HOLDOUT_EVERY /
-                                                        (HOLDOUT_EVERY - 1))))
-        if len(pool) < 2:
-            raise UsageError("--calib {} gave {} frame(s); holding some out for validation needs "
-                             "at least 2.".format(calib, len(pool)),
-                             "Add images, or pass separate validation images with --val.")
-        held = set(range(HOLDOUT_EVERY - 1, len(pool), HOLDOUT_EVERY)) or {len(pool) - 1}
-        val_frames = [f for i, f in enumerate(pool) if i in held]
-        calib_frames = [f for i, f in enumerate(pool) if i not in held][:calib_count]
-        info = {"source": "held-out of --calib", "images": len(val_frames),
-                "every": HOLDOUT_EVERY}
-    if need_calib:
-        if not calib_frames:
-            raise UsageError("--calib {} gave no frames.".format(calib),
-                             "Point it at a folder of images or a video.")
-        info["calibration_images"] = len(calib_frames)
-        log("{} calibration frames from {}, {} validation frames ({})".format(
-            len(calib_frames), calib, len(val_frames), info["source"]))
-    return calib_frames, val_frames, info
-
-
-def _same_source(a: str, b: str) -> bool:
-    return os.path.realpath(uri_to_path(a)) == os.path.realpath(uri_to_path(b))
 
 
 @dataclass
@@ -202,8 +151,11 @@ def _check_out_dir(out_dir: str) -> None:
 
 
 def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None,
-            deep_supervision=None, size=None, opset: Optional[int] = None, precisions=PRECISIONS, calib=None, val=None,
-            calib_count: int = 32, trust: bool = False, code_path=None, arch_kwargs=None,
+            deep_supervision=None, size=None, opset: Optional[int] = None,
+            precisions=DEFAULT_PRECISIONS, calib=None, val=None, val_masks=None,
+            calib_count: int = 32, calibration: str = "minmax", max_iou_drop: float = 0.01,
+            force: bool = False, threads: Optional[int] = None, measure_runs: int = 20,
+            trust: bool = False, code_path=None, arch_kwargs=None,
             exporter: str = "torchscript", all_heads: bool = False, dynamic_hw: bool = False,
             activation: str = "sigmoid", preset: str = "default", target_ort: Optional[str] = None,
             log: Optional[Callable[[str], None]] = None) -> dict:
@@ -214,6 +166,8 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     options = ExportOptions(opset=opset, exporter=exporter, all_heads=all_heads,
                             dynamic_hw=dynamic_hw, activation=activation, preset=preset,
                             target_ort=target_ort).resolve()
+    quant = QuantOptions(calibration=calibration, max_iou_drop=max_iou_drop, force=force,
+                         threads=threads, measure_runs=measure_runs).check()
     precisions, size = _check_request(precisions=precisions, size=size, opset=options.opset,
                                       calib=calib, val=val)
     out_dir = os.path.abspath(str(out_dir))
@@ -231,15 +185,22 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     vers = versions()
     contract = build_contract(loaded=loaded, size=size, arch=loaded.arch, vers=vers,
                               options=options)
-    calib_frames, val_frames, val_info = _gather_frames(
+    calib_frames, val_frames, val_info = gather_frames(
         calib=calib, val=val, calib_count=calib_count, need_calib="int8" in precisions, log=log)
+    gt_masks = _ground_truth(val_masks=val_masks, val=val or calib, frames=val_frames,
+                             contract=contract,
+                             val_info=val_info)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
         report = _build(loaded=loaded, contract=contract, options=options, precisions=precisions,
-                        calib_frames=calib_frames, val_frames=val_frames, staging=staging, log=log)
+                        calib_frames=calib_frames, val_frames=val_frames, gt_masks=gt_masks,
+                        quant=quant, staging=staging, log=log)
         report.update(versions=vers, validation=val_info, contract=contract.to_dict(),
-                      checkpoint=loaded.report, options=dataclasses.asdict(options))
+                      checkpoint=loaded.report, options=dataclasses.asdict(options),
+                      quantization_options=dataclasses.asdict(quant))
+        if val_info.get("warning"):
+            report["warnings"].append(val_info["warning"])
         report["fixes"] = (loaded.report["fixes"] + ["inferred " + i for i in
                                                      loaded.report["inferred"]] + report["fixes"])
         if val_info.get("same_as_calib"):
@@ -274,13 +235,13 @@ def _export_fp32(*, loaded, contract: Contract, options: ExportOptions, path: st
     return info
 
 
-def _fit_int8(path: str, options: ExportOptions) -> List[str]:
+def _fit_target(path: str, options: ExportOptions, precision: str) -> List[str]:
     if not options.target_ort:
         return []
     import onnx
 
     proto = onnx.load(path)
-    fixes = ortcompat.fit_target(proto, options.target_ort, what="the int8 model")
+    fixes = ortcompat.fit_target(proto, options.target_ort, what="the {} model".format(precision))
     if fixes:
         save_atomic(proto, path)
     return fixes
@@ -298,38 +259,50 @@ def _artifact_facts(path: str) -> dict:
     return facts
 
 
+def _ground_truth(*, val_masks, val, frames, contract: Contract, val_info: dict):
+    """--val-masks: one ground-truth mask per validation frame (same file stems), or None."""
+    if not val_masks:
+        return None
+    from .groundtruth import load_gt_masks
+
+    masks = load_gt_masks(folder=str(val_masks), frames=frames, contract=contract, source=val)
+    val_info["ground_truth"] = str(val_masks)
+    return masks
+
+
 def _build(*, loaded, contract: Contract, options: ExportOptions, precisions, calib_frames,
-           val_frames, staging: str, log) -> dict:
-    """Write every artifact into ``staging``; returns the report (paths still in staging)."""
-    built = {"fp32": os.path.join(staging, artifact_name("fp32"))}
-    export_info = _export_fp32(loaded=loaded, contract=contract, options=options,
-                               path=built["fp32"], log=log)
+           val_frames, gt_masks, quant: QuantOptions, staging: str, log) -> dict:
+    """Write and assess every artifact in ``staging``; returns the report (paths still staged)."""
+    fp32_path = os.path.join(staging, artifact_name("fp32"))
+    export_info = _export_fp32(loaded=loaded, contract=contract, options=options, path=fp32_path,
+                               log=log)
     fixes = list(export_info["fixes"])
     warnings = [w for w in export_info["warnings"] if not any(d in w for d in DELIBERATE)]
     suppressed = [w for w in export_info["warnings"] if w not in warnings]
-    quant_info = None
-    if "int8" in precisions:
-        built["int8"] = os.path.join(staging, artifact_name("int8"))
-        quant_info = quantize_int8(fp32_path=built["fp32"], out_path=built["int8"],
-                                   frames=calib_frames, contract=contract, log=log)
-        warnings += quant_info.pop("warnings", [])
-        fixes += _fit_int8(built["int8"], options)
+    built, infos = {"fp32": fp32_path}, {}
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        built[precision], infos[precision] = build_precision(
+            precision=precision, fp32_path=fp32_path, staging=staging, calib_frames=calib_frames,
+            val_frames=val_frames, contract=contract, quant=quant, log=log)
+        warnings += infos[precision].pop("warnings", [])
+        fixes += _fit_target(built[precision], options, precision)
     artifacts = []
     for precision in precisions:
-        log("validating {} on {} frames against PyTorch".format(precision, len(val_frames)))
-        parity = validate_artifact(onnx_path=built[precision], torch_model=loaded.model,
-                                   frames=val_frames, precision=precision)
-        entry = {"precision": precision, "staged": built[precision], "ok": parity.ok,
-                 "failures": list(parity.failures),
-                 "parity": {k: getattr(parity, k) for k in ("max_abs_err", "mean_abs_err",
-                                                             "mask_iou", "pixel_agreement",
-                                                             "images")}}
+        entry = assess(precision=precision, path=built[precision], info=infos.get(precision),
+                       torch_model=loaded.model, val_frames=val_frames, gt_masks=gt_masks,
+                       quant=quant, log=log)
         entry.update(_artifact_facts(built[precision]))
-        if precision == "int8":
-            entry["quantization"] = quant_info
-        for failure in parity.failures:
-            log("{}: parity FAILED: {}".format(precision, failure))
+        if precision in infos:
+            entry["quantization" if precision.startswith("int8") else "conversion"] = \
+                infos[precision]
         artifacts.append(entry)
+    reference = _reference_ms(artifacts=artifacts, fp32_path=fp32_path, val_frames=val_frames,
+                              quant=quant)
+    add_speedups(artifacts, reference_ms=reference)
+    fp16_note = fp16_cpu_warning(artifacts, reference_ms=reference)
+    warnings += [fp16_note] if fp16_note else []
     export = {k: export_info[k] for k in ("opset", "ir_version", "nodes", "inputs", "outputs",
                                           "exporter", "heads", "dynamic_hw")}
     export.update(dynamic_check=export_info.get("dynamic_check"),
@@ -337,8 +310,20 @@ def _build(*, loaded, contract: Contract, options: ExportOptions, precisions, ca
     for warning in warnings:
         log("warning: " + warning)
     return {"ok": all(a["ok"] for a in artifacts), "artifacts": artifacts,
-            "simplify": export_info["simplify"], "export": export, "fixes": fixes,
-            "warnings": warnings}
+            "reference_fp32_ms": reference, "simplify": export_info["simplify"],
+            "export": export, "fixes": fixes, "warnings": warnings}
+
+
+def _reference_ms(*, artifacts: List[dict], fp32_path: str, val_frames, quant) -> float:
+    """FP32's median latency: from its row, or measured alone when fp32 was not asked for."""
+    rows = [a for a in artifacts if a["precision"] == "fp32"]
+    if rows:
+        return rows[0]["measure"]["median_ms"]
+    from .artifacts import MEASURE_FRAMES
+    from .measure import measure_artifact
+
+    return measure_artifact(path=fp32_path, frames=list(val_frames)[:MEASURE_FRAMES],
+                            threads=quant.thread_count, runs=quant.measure_runs)["median_ms"]
 
 
 def _publish(*, report: dict, staging: str, out_dir: str) -> None:
@@ -363,4 +348,4 @@ def _publish(*, report: dict, staging: str, out_dir: str) -> None:
     write_json(old_report, report)
 
 
-__all__ = ["convert", "artifact_name", "build_contract", "versions"]
+__all__ = ["convert", "artifact_name", "build_contract", "versions", "PRECISIONS"]

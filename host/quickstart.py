@@ -17,7 +17,7 @@ from PIL import Image
 from edgeseg.device.files import write_json
 
 from .errors import UsageError
-from .report import compare_table, export_table, table
+from .report import compare_table, precision_table, table
 
 SCAN = 256  # window and model input size: windows are fed at the image's native scale
 CALIB_WINDOWS = 32
@@ -31,10 +31,11 @@ def build_sources(*, out_dir: Path, log) -> dict:
     """Scan, calibration and validation frames cut from the real nuclei image (PNG folders)."""
     from .nuclei import load_nuclei, scan_windows, split_column
 
-    image, _ = load_nuclei()
+    image, truth = load_nuclei()
     height, width = image.shape
     x0 = split_column()
-    folders = {name: out_dir / name for name in ("nuclei_scan", "nuclei_calib", "nuclei_val")}
+    folders = {name: out_dir / name for name in ("nuclei_scan", "nuclei_calib", "nuclei_val",
+                                                 "nuclei_val_masks")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     scan = scan_windows(size=SCAN, stride=64, height=height, width=width)
@@ -48,6 +49,8 @@ def build_sources(*, out_dir: Path, log) -> dict:
     for y in range(0, height - SCAN + 1, 32):  # validation windows hold the held-out quarter
         x = width - SCAN
         _save_png(folders["nuclei_val"] / "val_y{:03d}.png".format(y), image[y:y + SCAN, x:x + SCAN])
+        Image.fromarray(truth[y:y + SCAN, x:x + SCAN].astype(np.uint8) * 255).save(
+            folders["nuclei_val_masks"] / "val_y{:03d}.png".format(y))  # expert ground truth
     manifest = {"window": SCAN, "windows": [[y, x] for y, x in scan], "heldout_x": x0}
     (folders["nuclei_scan"] / "scan.json").write_text(json.dumps(manifest))
     log("quickstart: {} scan frames, {} calibration and {} validation windows in {}".format(
@@ -100,7 +103,7 @@ def quickstart(*, out_dir="edgeseg-quickstart", frames: int = 40, log=None) -> d
     sources = build_sources(out_dir=out / "sources", log=log)
     export = convert(checkpoint=str(ckpt_dir / "model.pth"), out_dir=str(out / "models"),
                      size=[SCAN, SCAN], precisions=("fp32", "int8"), calib=sources["nuclei_calib"],
-                     val=sources["nuclei_val"], log=log)
+                     val=sources["nuclei_val"], val_masks=sources["nuclei_val_masks"], log=log)
     street = str(data_dir() / "vtest.avi")
     install_dir = str(out / "device")
     runs, ious = {}, {}
@@ -143,9 +146,11 @@ def quickstart(*, out_dir="edgeseg-quickstart", frames: int = 40, log=None) -> d
 
 def summary_text(result: dict) -> str:
     """The human-readable summary quickstart prints."""
-    parts = ["== export (parity vs PyTorch on {} validation images)".format(
-        result["export"]["artifacts"][0]["parity"]["images"] if result["export"]["artifacts"] else 0),
-        export_table(result["export"])]
+    parts = ["== precision report (parity vs PyTorch and expert ground truth on {} held-out "
+             "windows; latency on this machine)".format(
+                 result["export"]["artifacts"][0]["parity"]["images"]
+                 if result["export"]["artifacts"] else 0),
+             precision_table(result["export"])]
     for source in ("nuclei scan", "street video"):
         reps = {p: r for key, r in result["profiles"].items() for p in ("fp32", "int8")
                 if key == "{} {}".format(source, p)}

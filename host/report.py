@@ -74,3 +74,55 @@ def export_table(report: dict) -> str:
                      p.get("images")])
     return table(["precision", "status", "MB", "opset", "max abs err", "mean abs err",
                   "mask IoU", "pixel agree", "images"], rows, align_left=2)
+
+
+def precision_rows(report: dict) -> tuple:
+    """(headers, rows) of the precision report; see :func:`precision_table`."""
+    arts = report["artifacts"]
+    base = report.get("reference_fp32_ms") or next(
+        (_median(a) for a in arts if a["precision"] == "fp32" and _median(a)), None)
+    rows = []
+    for art in arts:
+        m, p = art.get("measure") or {}, art.get("parity") or {}
+        median, size = _median(art), art.get("bytes")
+        speedup = art.get("speedup_vs_fp32")
+        if speedup is None and base and median:
+            speedup = round(base / median, 2)
+        rows.append([art["precision"], "ok" if art.get("ok") else "FAILED",
+                     round(size / 1e6, 2) if size is not None else None, median, speedup,
+                     m.get("peak_rss_mb"), m.get("session_mb"), p.get("mask_iou"),
+                     p.get("max_abs_err"), p.get("gt_iou")])
+    headers = ["precision", "status", "MB", "median ms", "speed-up", "peak MB", "session MB",
+               "IoU vs PyTorch", "max abs err", "IoU vs GT"]
+    return headers, rows
+
+
+def precision_table(report: dict) -> str:
+    """The precision report: one row per artifact of an export.json-like ``report``.
+
+    Reads ``art["measure"]`` (``measure.measure_artifact``: median latency and peak memory of a
+    process running the model alone, same thread count for all) and ``art["parity"]`` (mask IoU
+    and max abs error vs PyTorch, ``gt_iou`` vs ground truth with ``--val-masks``, else "-").
+    Speed-up: ``art["speedup_vs_fp32"]``, else ``report["reference_fp32_ms"]`` or the fp32 row's
+    median over this row's median.
+    """
+    headers, rows = precision_rows(report)
+    text = table(headers, rows, align_left=2)
+    threads = {(a.get("measure") or {}).get("threads") for a in report["artifacts"]} - {None}
+    if threads:
+        text += ("\nmedian ms: after warm-up, {} thread(s); peak MB: a process running the model "
+                 "alone; session MB: the session's share of it".format(
+                     ", ".join(str(t) for t in sorted(threads))))
+    return text
+
+
+def markdown_table(headers: Sequence[str], rows: List[Sequence]) -> str:
+    """The same cells as :func:`table`, as a GitHub Markdown table."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _median(art: dict):
+    return (art.get("measure") or {}).get("median_ms")

@@ -9,7 +9,8 @@ import os
 import onnx
 import pytest
 
-import edgeseg.host.convert as convert_mod
+import edgeseg.host.tuning as tuning_mod
+import edgeseg.host.validate as validate_mod
 from edgeseg.device.errors import EdgesegError
 from edgeseg.device.runner import Runner
 from edgeseg.host.convert import convert
@@ -76,7 +77,7 @@ def test_fp32_export_writes_checked_artifact_and_report(tmp_path, nested_ckpt, v
 def test_held_out_part_of_calib_validates_and_is_never_calibrated(tmp_path, nested_ckpt,
                                                                    calib_dir, monkeypatch):
     seen = {}
-    real_quantize, real_validate = convert_mod.quantize_int8, convert_mod.validate_artifact
+    real_quantize, real_validate = tuning_mod.quantize_int8, validate_mod.validate_artifact
 
     def quantize_spy(**kw):
         seen["calib"] = [f.name for f in kw["frames"]]
@@ -86,12 +87,15 @@ def test_held_out_part_of_calib_validates_and_is_never_calibrated(tmp_path, nest
         seen.setdefault("val", set()).update(f.name for f in kw["frames"])
         return real_validate(**kw)
 
-    monkeypatch.setattr(convert_mod, "quantize_int8", quantize_spy)
-    monkeypatch.setattr(convert_mod, "validate_artifact", validate_spy)
+    monkeypatch.setattr(tuning_mod, "quantize_int8", quantize_spy)
+    monkeypatch.setattr(validate_mod, "validate_artifact", validate_spy)
     report = convert(checkpoint=nested_ckpt, out_dir=tmp_path / "out", size=[SIZE, SIZE],
                      calib=str(calib_dir), calib_count=6, log=quiet)
+    warning = report["validation"].pop("warning")
     assert report["validation"] == {"source": "held-out of --calib", "images": 2, "every": 4,
                                     "calibration_images": 6}
+    assert "only 6 calibration images (fewer than 16)" in warning
+    assert warning in report["warnings"]
     assert seen["val"] == {"crop03", "crop07"}
     assert len(seen["calib"]) == 6 and not set(seen["calib"]) & seen["val"]
     assert [a["precision"] for a in report["artifacts"]] == ["fp32", "int8"]
@@ -105,13 +109,13 @@ def test_failed_parity_is_published_only_under_the_failed_name(tmp_path, nested_
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.fp32.onnx").write_bytes(b"stale model of an earlier export")
-    real_validate = convert_mod.validate_artifact
+    real_validate = validate_mod.validate_artifact
     other = random_net("nested_unet", seed=99)
 
     def against_another_model(**kw):  # the ONNX no longer matches the torch model it is judged by
         return real_validate(**dict(kw, torch_model=other))
 
-    monkeypatch.setattr(convert_mod, "validate_artifact", against_another_model)
+    monkeypatch.setattr(validate_mod, "validate_artifact", against_another_model)
     report = convert(checkpoint=nested_ckpt, out_dir=out, precisions=("fp32",), val=str(val_dir),
                      log=quiet)
     assert report["ok"] is False
@@ -200,7 +204,7 @@ def test_single_calib_image_cannot_also_validate(tmp_path, nested_ckpt):
 def test_unknown_precision_is_refused(tmp_path):
     with pytest.raises(UsageError):
         convert(checkpoint=tmp_path / "missing.pth", out_dir=tmp_path / "out",
-                precisions=("fp16",), val="x", log=quiet)
+                precisions=("int4",), val="x", log=quiet)
 
 
 def test_val_same_as_calib_is_reported(tmp_path, nested_ckpt, calib_dir):
