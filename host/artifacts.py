@@ -89,8 +89,10 @@ def assess(*, precision: str, path: str, info: Optional[dict], torch_model, val_
     from .validate import validate_artifact
 
     log("validating {} on {} frames against PyTorch".format(precision, len(val_frames)))
+    # FP16 is for GPUs: judged on CUDA when this onnxruntime has it (CPU computes it in float32)
     parity = validate_artifact(onnx_path=path, torch_model=torch_model, frames=val_frames,
-                               precision=precision, gt_masks=gt_masks)
+                               precision=precision, gt_masks=gt_masks,
+                               providers=None if precision == "fp16" else ("cpu",))
     failures = list(parity.failures) + _budget_failures(info)
     log("measuring {}: {} runs, {} threads".format(precision, quant.measure_runs,
                                                    quant.thread_count))

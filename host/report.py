@@ -63,19 +63,6 @@ def compare_table(reports: Dict[str, dict]) -> str:
     return table(headers, rows)
 
 
-def export_table(report: dict) -> str:
-    """One row per artifact with its parity against PyTorch."""
-    rows = []
-    for art in report["artifacts"]:
-        p = art.get("parity") or {}
-        rows.append([art["precision"], "ok" if art["ok"] else "FAILED",
-                     round(art["bytes"] / 1e6, 2), art.get("opset"), p.get("max_abs_err"),
-                     p.get("mean_abs_err"), p.get("mask_iou"), p.get("pixel_agreement"),
-                     p.get("images")])
-    return table(["precision", "status", "MB", "opset", "max abs err", "mean abs err",
-                  "mask IoU", "pixel agree", "images"], rows, align_left=2)
-
-
 def precision_rows(report: dict) -> tuple:
     """(headers, rows) of the precision report; see :func:`precision_table`."""
     arts = report["artifacts"]

@@ -116,7 +116,8 @@ def _check_gt(gt_masks, frames) -> None:
 
 def validate_artifact(*, onnx_path: str, torch_model: torch.nn.Module, frames: Sequence,
                       precision: str, thresholds: Optional[Dict[str, float]] = None,
-                      gt_masks: Optional[Sequence[np.ndarray]] = None) -> Parity:
+                      gt_masks: Optional[Sequence[np.ndarray]] = None,
+                      providers: Optional[Sequence[str]] = ("cpu",)) -> Parity:
     """Run every frame through both; compare logits and masks against the precision's limits.
 
     ``gt_masks``: one CxHxW bool array per frame (``groundtruth.load_gt_masks``); fills
@@ -126,7 +127,7 @@ def validate_artifact(*, onnx_path: str, torch_model: torch.nn.Module, frames: S
     limits = thresholds_for(precision, thresholds)
     _check_gt(gt_masks, frames)
     parity = Parity()
-    runner = Runner(str(onnx_path), providers=["cpu"])
+    runner = Runner(str(onnx_path), providers=list(providers) if providers else None)
     contract = runner.contract
     torch_model.eval()
     tally = _Tally()
