@@ -2,10 +2,15 @@
 
 Both models are augmented to output their intermediate tensors, run on the same preprocessed frames,
 matched tensor by tensor (``create_activation_matching``) and scored with
-``compute_activation_error``: the cross-model SQNR (``xmodel_err``) of each quantized activation,
-in dB (lower = worse).  ``collect_activations`` keeps every tensor of every frame it is given (a
-256x256 NestedUNet gives over 0.5 GB per frame for the FP32 model, about twice that for the QDQ
-model), so frames are fed one at a time and only per-tensor energy sums are kept between them.
+``compute_activation_error``: the cross-model error (``xmodel_err``) of each quantized activation,
+pooled over the frames as a noise-to-signal ratio.  That error is accumulated: a late tensor carries
+the noise of every quantization before it, so ranking by it alone keeps late layers float while the
+noise comes from early ones (on a small UNet the reverse order met a budget the direct one missed).
+Each tensor is therefore ranked by the noise it *adds*: its ratio minus the worst ratio among the
+quantized tensors that feed it.  ``collect_activations`` keeps every tensor of every frame it is
+given (a 256x256 NestedUNet gives over 0.5 GB per frame for the FP32 model, about twice that for
+the QDQ model), so frames are fed one at a time and only per-tensor energy sums are kept between
+them.
 """
 
 from __future__ import annotations
@@ -43,12 +48,44 @@ def _energy(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> Tup
 
 def _sqnr_db(signal: float, noise: float) -> float:
     eps = np.finfo(np.float64).tiny
-    return 10.0 * math.log10(max(signal, eps) / max(noise, eps))
+    return 10.0 * (math.log10(max(signal, eps)) - math.log10(max(noise, eps)))
 
 
 def rank_activations(*, fp32_path: str, int8_path: str, frames: Sequence, contract: Contract,
-                     workdir: str) -> List[Tuple[str, float]]:
-    """Quantized activation tensors, worst first: [(tensor name, cross-model SQNR in dB)]."""
+                     workdir: str) -> List[Tuple[str, float, float]]:
+    """Quantized activation tensors, worst first: [(name, cross-model SQNR dB, added noise)].
+
+    ``added noise``: the tensor's noise-to-signal ratio minus the largest one among the quantized
+    tensors upstream of it (see the module text); the list is sorted by it, largest first.
+    """
+    sums = _error_sums(fp32_path=fp32_path, int8_path=int8_path, frames=frames,
+                       contract=contract, workdir=workdir)
+    ratio = {name: noise / max(signal, np.finfo(np.float64).tiny)
+             for name, (signal, noise) in sums.items()}
+    graph = onnx.load(fp32_path, load_external_data=False).graph
+    added = {name: ratio[name] - max([ratio[u] for u in _upstream(name, graph, ratio)],
+                                     default=0.0) for name in ratio}
+    ranked = sorted(ratio, key=lambda n: (-added[n], n))
+    return [(n, _sqnr_db(*sums[n]), added[n]) for n in ranked]
+
+
+def _upstream(tensor: str, graph: onnx.GraphProto, scored: dict) -> List[str]:
+    """The scored tensors nearest upstream of ``tensor`` (walking back through unscored ones)."""
+    producers = {out: n for n in graph.node for out in n.output}
+    found, seen, stack = [], {tensor}, [tensor]
+    while stack:
+        node = producers.get(stack.pop())
+        for name in node.input if node is not None else ():
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            (found if name in scored else stack).append(name)
+    return found
+
+
+def _error_sums(*, fp32_path: str, int8_path: str, frames: Sequence, contract: Contract,
+                workdir: str) -> Dict[str, List[float]]:
+    """{tensor: [signal energy, noise energy]} of the QDQ model against FP32, over ``frames``."""
     aug_fp32 = os.path.join(workdir, "augmented.fp32.onnx")
     aug_int8 = os.path.join(workdir, "augmented.int8.onnx")
     modify_model_output_intermediate_tensors(fp32_path, aug_fp32)
@@ -73,7 +110,7 @@ def rank_activations(*, fp32_path: str, int8_path: str, frames: Sequence, contra
         for path in (aug_fp32, aug_int8):
             if os.path.exists(path):
                 os.unlink(path)
-    return sorted(((n, _sqnr_db(s, e)) for n, (s, e) in sums.items()), key=lambda t: t[1])
+    return sums
 
 
 def float_nodes_for(*, tensor: str, graph: onnx.GraphProto) -> List[str]:

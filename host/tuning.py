@@ -30,7 +30,7 @@ from .calibration import spread
 from .errors import EdgesegError, ExportError, UsageError
 from .measure import median_latency_ms
 from .qdqdebug import RANK_FRAMES, float_nodes_for, rank_activations
-from .quantize import quantize_int8
+from .quantize import CACHE_SUPPORTED, calibrate_int8, quantize_int8
 from .validate import _Tally
 
 METHODS = ("minmax", "entropy", "percentile")  # minmax first: it wins ties (fastest to calibrate)
@@ -88,16 +88,31 @@ class _Job:
     exclude_op_types: tuple = ()
     reference: list = field(default_factory=list)
     scores: dict = field(default_factory=dict)  # path -> vs_fp32 result (candidates never change)
+    ranges: dict = field(default_factory=dict)  # method -> Ranges, calibrated once per method
 
     def quantize(self, name: str, *, method: Optional[str] = None, exclude_nodes=(),
                  exclude_op_types: Optional[tuple] = None) -> tuple:
-        """quantize_int8 into ``workdir/name.onnx``; (path, info)."""
+        """quantize_int8 into ``workdir/name.onnx``; (path, info).
+
+        Each method is calibrated once (when onnxruntime can take ranges back, see
+        ``CACHE_SUPPORTED``): later candidates (Resize in float, budget steps) only re-quantize.
+        The first candidate of a method counts the calibration in its ``seconds``.
+        """
+        method = method or self.method
+        first = method not in self.ranges
+        if first and CACHE_SUPPORTED:
+            self.ranges[method] = calibrate_int8(fp32_path=self.fp32_path,
+                                                 frames=self.calib_frames, contract=self.contract,
+                                                 log=self.log, method=method)
+        ranges = self.ranges.get(method)
         path = os.path.join(self.workdir, name + ".onnx")
         info = quantize_int8(fp32_path=self.fp32_path, out_path=path, frames=self.calib_frames,
-                             contract=self.contract, log=self.log, method=method or self.method,
-                             exclude_nodes=tuple(exclude_nodes),
+                             contract=self.contract, log=self.log, method=method,
+                             exclude_nodes=tuple(exclude_nodes), ranges=ranges,
                              exclude_op_types=(self.exclude_op_types if exclude_op_types is None
                                                else exclude_op_types))
+        if first and ranges is not None:
+            info["seconds"] = round(info["seconds"] + ranges.seconds, 2)
         return path, info
 
     def vs_fp32(self, path: str) -> dict:
@@ -218,7 +233,7 @@ def build_int8(*, fp32_path: str, out_path: str, calib_frames: Sequence, val_fra
 
 
 # Float tensors per step: 1, 2, 4, ... (each step doubles the set).  How many tensors a model needs
-# in float is unknown and every step is a full re-calibration, so doubling reaches any count n in
+# in float is unknown and every step re-quantizes and re-measures, so doubling reaches any count n in
 # about log2(n) + 1 steps, while a model that needs one or two float tensors pays only for those.
 # Eight steps cover 128 tensors (a NestedUNet has about 60 quantized activations).
 MAX_STEPS = 8
@@ -238,16 +253,17 @@ def budget_loop(*, job: _Job, path: str, info: dict, max_iou_drop: float) -> tup
               "steps": []}
     if budget["held"]:
         return path, info, budget
-    job.log("INT8 mask IoU vs FP32 {:.4f}: drop {:.4f} > {:.4f}, ranking activations by "
-            "quantization error".format(iou, 1.0 - iou, max_iou_drop))
+    job.log("INT8 mask IoU vs FP32 {:.4f}: drop {:.4f} > {:.4f}, ranking activations by the "
+            "quantization noise each adds".format(iou, 1.0 - iou, max_iou_drop))
     frames = spread(job.calib_frames, RANK_FRAMES)
     ranking = rank_activations(fp32_path=job.fp32_path, int8_path=path, frames=frames,
                                contract=job.contract, workdir=job.workdir)
     budget.update(ranking_frames=len(frames), ranking=[
-        {"tensor": name, "sqnr_db": round(db, 2)} for name, db in ranking[:16]],
+        {"tensor": name, "sqnr_db": round(db, 2), "added_noise": float("{:.4g}".format(added))}
+        for name, db, added in ranking[:16]],
         start={"iou_vs_fp32": round(iou, 6), "median_ms": _latency(job=job, path=path)})
     best = {"iou": iou, "path": path, "info": info, "nodes": [], "tensors": []}
-    _steps(job=job, ranking=[name for name, _ in ranking], best=best, budget=budget)
+    _steps(job=job, ranking=[name for name, _, _ in ranking], best=best, budget=budget)
     budget.update(held=1.0 - best["iou"] <= max_iou_drop, iou_drop=round(1.0 - best["iou"], 6),
                   float_nodes=best["nodes"], float_tensors=best["tensors"])
     return best["path"], best["info"], budget
