@@ -15,8 +15,10 @@ parameters runs as a plain copy instead of requantizing every input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -198,17 +200,20 @@ def calibrate_ranges(*, model_path: str, reader: CalibrationReader, method: str,
     The same calls as ``quantize_static`` makes (create_calibrator, collect_data per
     ``CalibStridedMinMax`` chunk, compute_data); the augmented model is written into ``folder``.
     """
-    calibrator = create_calibrator(
-        model_path, list(op_types), augmented_model_path=os.path.join(folder, "augmented.onnx"),
-        calibrate_method=check_method(method), providers=["CPUExecutionProvider"])
-    try:
-        for start in range(0, len(reader), max(1, stride)):
-            reader.set_range(start_index=start, end_index=start + max(1, stride))
-            calibrator.collect_data(reader)
-        return calibrator.compute_data()
-    finally:
-        reader.rewind()
-        del calibrator
+    # The histogram calibrators print their progress; stdout is for --json alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        calibrator = create_calibrator(
+            model_path, list(op_types),
+            augmented_model_path=os.path.join(folder, "augmented.onnx"),
+            calibrate_method=check_method(method), providers=["CPUExecutionProvider"])
+        try:
+            for start in range(0, len(reader), max(1, stride)):
+                reader.set_range(start_index=start, end_index=start + max(1, stride))
+                calibrator.collect_data(reader)
+            return calibrator.compute_data()
+        finally:
+            reader.rewind()
+            del calibrator
 
 
 def timed_ranges(*, method: str, info: dict, **kwargs) -> Ranges:

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable, List, Optional, Sequence
 
 from edgeseg.device import __version__
@@ -95,7 +96,8 @@ class ExportOptions:
 
     def resolve(self) -> "ExportOptions":
         """Checked options with the opset filled in; nothing is loaded yet."""
-        check_opset_request(opset=self.opset or 17, exporter=self.exporter)
+        check_opset_request(opset=17 if self.opset is None else self.opset,
+                            exporter=self.exporter)
         if self.activation not in ACTIVATIONS:
             raise UsageError("Unknown --activation {!r}.".format(self.activation),
                              "Use sigmoid (one mask per class), softmax (one class per pixel) "
@@ -103,7 +105,8 @@ class ExportOptions:
         if self.preset not in PRESETS:
             raise UsageError("Unknown --preset {!r}.".format(self.preset),
                              "Use one of: {}.".format(", ".join(PRESETS)))
-        opset = self.opset or ortcompat.default_opset(self.target_ort, max_opset(self.exporter))
+        opset = (ortcompat.default_opset(self.target_ort, max_opset(self.exporter))
+                 if self.opset is None else self.opset)
         ortcompat.check_opset(opset, self.target_ort)
         return dataclasses.replace(self, opset=int(opset))
 
@@ -206,7 +209,7 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
         if val_info.get("same_as_calib"):
             report["warnings"].append("--val is the same source as --calib: the validation "
                                       "images were also calibration images")
-        _publish(report=report, staging=staging, out_dir=out_dir)
+        _publish(report=report, staging=staging, out_dir=out_dir, log=log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log("export {}: {}".format("ok" if report["ok"] else "FAILED parity",
@@ -326,26 +329,49 @@ def _reference_ms(*, artifacts: List[dict], fp32_path: str, val_frames, quant) -
                             threads=quant.thread_count, runs=quant.measure_runs)["median_ms"]
 
 
-def _publish(*, report: dict, staging: str, out_dir: str) -> None:
-    """Move the staged artifacts into ``out_dir``; remove stale models; export.json last."""
+def _publish(*, report: dict, staging: str, out_dir: str, log) -> None:
+    """Move the staged artifacts into ``out_dir``; export.json last.
+
+    A model of an earlier export that this one does not replace (a precision not asked for again,
+    or one that now failed) must not pass for this export's, and must not be lost either: it moves
+    with the earlier export.json into ``previous/<UTC time>/``.
+    """
     old_report = os.path.join(out_dir, REPORT_NAME)
-    if os.path.exists(old_report):
+    names = {artifact_name(a["precision"], a["ok"]) for a in report["artifacts"]}
+    stale = [artifact_name(p, ok) for p in PRECISIONS for ok in (True, False)
+             if artifact_name(p, ok) not in names
+             and os.path.exists(os.path.join(out_dir, artifact_name(p, ok)))]
+    if stale:
+        _keep_previous(stale=stale, old_report=old_report, out_dir=out_dir, report=report, log=log)
+    elif os.path.exists(old_report):
         os.unlink(old_report)
-    written = set()
     for art in report["artifacts"]:
         name = artifact_name(art["precision"], art["ok"])
         final = os.path.join(out_dir, name)
         art.update(bytes=os.path.getsize(art["staged"]), sha256=file_sha256(art["staged"]),
                    path=final, file=name)
         os.replace(art.pop("staged"), final)
-        written.add(name)
-    for precision in PRECISIONS:  # models of an earlier export must not pass for this one's
-        for ok in (True, False):
-            name = artifact_name(precision, ok)
-            if name not in written and os.path.exists(os.path.join(out_dir, name)):
-                os.unlink(os.path.join(out_dir, name))
-                report["warnings"].append("removed {} left by an earlier export".format(name))
     write_json(old_report, report)
+
+
+def _keep_previous(*, stale: List[str], old_report: str, out_dir: str, report: dict,
+                   log) -> None:
+    """Move ``stale`` models (and the export.json that describes them) to previous/<time>/."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    keep = os.path.join(out_dir, "previous", stamp)
+    suffix = 1
+    while os.path.exists(keep):
+        keep, suffix = os.path.join(out_dir, "previous", "{}-{}".format(stamp, suffix)), suffix + 1
+    os.makedirs(keep)
+    if os.path.exists(old_report):
+        os.replace(old_report, os.path.join(keep, REPORT_NAME))
+    for name in stale:
+        os.replace(os.path.join(out_dir, name), os.path.join(keep, name))
+    message = "moved {} of the earlier export to {} (this export did not write {})".format(
+        ", ".join(stale), keep, "it" if len(stale) == 1 else "them")
+    report["warnings"].append(message)
+    report["previous"] = {"folder": keep, "files": stale}
+    log("warning: " + message)
 
 
 __all__ = ["convert", "artifact_name", "build_contract", "versions", "PRECISIONS"]

@@ -37,6 +37,9 @@ HASH_PY = ("import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],'rb')\nwh
            " b=f.read(1048576)\n if not b: break\n h.update(b)\nprint(h.hexdigest())")
 
 
+FAILED_SUFFIX = ".failed.onnx"  # what edgeseg export names an artifact that failed parity
+
+
 def _quiet(msg: str) -> None:
     pass
 
@@ -196,8 +199,13 @@ def deploy(*, target, model_path, install_dir: str = "~/.edgeseg", python: str =
            log: Callable[[str], None] = _quiet) -> dict:
     """Upload the agent and ``model_path`` to ``target`` and make it the current model."""
     log = log or _quiet
-    contract = validate_model(model_path=model_path)
     name = Path(model_path).name
+    if name.endswith(FAILED_SUFFIX):
+        raise ModelError("{} failed validation when it was exported (its reasons are in the "
+                         "export.json beside it); it is not deployed.".format(model_path),
+                         "Deploy a model that passed (model.<precision>.onnx), or re-export: "
+                         "more calibration images, --calibration auto, a looser --max-iou-drop.")
+    contract = validate_model(model_path=model_path)
     model_sha = file_sha256(model_path)
     root = target.resolve(install_dir)
     agent_sha = ensure_agent(target=target, root=root, python=python, log=log)

@@ -130,7 +130,7 @@ def test_deploy_and_profile_local_json(tiny_onnx, frames_dir, tmp_path):
     assert text.returncode == 0 and "inference" in text.stdout and "p95" in text.stdout
 
 
-@pytest.mark.parametrize("opset, words", [("25", "20"), ("7", "11")])
+@pytest.mark.parametrize("opset, words", [("25", "20"), ("7", "11"), ("0", "Opset 0")])
 def test_unsupported_opset_is_refused_and_stdout_stays_clean(small_checkpoint, tmp_path, opset, words):
     val = nuclei_folder(tmp_path / "val", 2, 32)
     out = edgeseg("export", small_checkpoint, "--out", tmp_path / "out", "--opset", opset,

@@ -109,6 +109,7 @@ def test_failed_parity_is_published_only_under_the_failed_name(tmp_path, nested_
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.fp32.onnx").write_bytes(b"stale model of an earlier export")
+    (out / "export.json").write_text('{"ok": true}')
     real_validate = validate_mod.validate_artifact
     other = random_net("nested_unet", seed=99)
 
@@ -122,9 +123,15 @@ def test_failed_parity_is_published_only_under_the_failed_name(tmp_path, nested_
     (art,) = report["artifacts"]
     assert art["ok"] is False and art["failures"]
     assert art["path"] == str(out / "model.fp32.failed.onnx")
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.fp32.failed.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.fp32.failed.onnx",
+                                                     "previous"]
     assert json.loads((out / "export.json").read_text())["ok"] is False
-    assert any("earlier export" in w for w in report["warnings"])
+    # the earlier good model is not lost: it moved aside with the report that described it
+    (kept,) = (out / "previous").iterdir()
+    assert report["previous"] == {"folder": str(kept), "files": ["model.fp32.onnx"]}
+    assert (kept / "model.fp32.onnx").read_bytes() == b"stale model of an earlier export"
+    assert json.loads((kept / "export.json").read_text()) == {"ok": True}
+    assert any("earlier export" in w and str(kept) in w for w in report["warnings"])
 
 
 @pytest.mark.slow

@@ -96,6 +96,16 @@ def test_deploy_refuses_non_onnx_before_touching_target(ssh_target, not_onnx, tm
     assert not install.exists()
 
 
+def test_deploy_refuses_a_model_that_failed_export_validation(tiny_onnx, tmp_path):
+    failed = tmp_path / "model.int8.failed.onnx"
+    failed.write_bytes(tiny_onnx.read_bytes())
+    install = tmp_path / "inst"
+    with open_target("local") as target, pytest.raises(ModelError) as err:
+        deploy(target=target, model_path=failed, install_dir=str(install), python=PY)
+    assert "failed validation" in str(err.value) and "export.json" in str(err.value)
+    assert not install.exists()  # refused before anything reached the device
+
+
 @pytest.mark.ssh
 def test_deploy_names_missing_python(ssh_target, tiny_onnx, tmp_path):
     install = tmp_path / "inst"
