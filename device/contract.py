@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 from .errors import ModelError
 
 METADATA_KEY = "edgeseg.contract"
+# set by edgeseg export on a model that failed validation: {"ok": false, "failures": [...]}
+VALIDATION_KEY = "edgeseg.validation"
 SCHEMA = 1
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -7,8 +7,10 @@ With ``--json`` stdout carries only JSON; progress and logs always go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 
 from edgeseg.device import __version__
@@ -235,12 +237,19 @@ COMMANDS = {"export": _cmd_export, "deploy": _cmd_deploy, "profile": _cmd_profil
             "quickstart": _cmd_quickstart}
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
+    # kill/TERM unwinds like Ctrl-C, so staging folders and temp files are removed on the way out
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except EdgesegError as exc:

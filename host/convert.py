@@ -8,6 +8,7 @@ Everything is built in a staging folder inside ``out_dir`` and moved into place 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -18,7 +19,8 @@ from typing import Callable, List, Optional, Sequence
 
 from edgeseg.device import __version__
 from edgeseg.device.files import file_sha256, write_json
-from edgeseg.device.contract import ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, PRESETS, Contract
+from edgeseg.device.contract import (ACTIVATIONS, IMAGENET_MEAN, IMAGENET_STD, PRESETS,
+                                     VALIDATION_KEY, Contract)
 
 from . import ortcompat
 from .artifacts import (DEFAULT_PRECISIONS, PRECISIONS, QuantOptions, add_speedups, artifact_name,
@@ -33,6 +35,7 @@ from .splits import gather_frames
 
 DEFAULT_SIZE = 256
 REPORT_NAME = "export.json"
+STAGING_PREFIX = ".export-"  # .export-<pid>-<random>: removed when that process is gone
 # The TorchScript exporter is chosen on purpose (see export.py); its deprecation notice is not news.
 DELIBERATE = ("legacy TorchScript-based ONNX export", "The feature will be removed")
 
@@ -151,6 +154,12 @@ def _check_out_dir(out_dir: str) -> None:
         raise UsageError("Cannot create the output folder {}: {} is {}.".format(
             out_dir, parent, "not a folder" if not os.path.isdir(parent) else "not writable"),
             "Pass --out a folder you can write to.")
+    try:  # permission bits do not tell everything (read-only mounts, /proc, root squash)
+        os.rmdir(tempfile.mkdtemp(prefix=".edgeseg-probe-", dir=parent))
+    except OSError as exc:
+        raise UsageError("Cannot create the output folder {}: creating a folder in {} failed "
+                         "({}).".format(out_dir, parent, exc.strerror or exc),
+                         "Pass --out a folder you can write to.") from None
 
 
 def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=None,
@@ -193,8 +202,10 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
     gt_masks = _ground_truth(val_masks=val_masks, val=val or calib, frames=val_frames,
                              contract=contract,
                              val_info=val_info)
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    _stale_staging(out_dir)
+    staging = tempfile.mkdtemp(prefix="{}{}-".format(STAGING_PREFIX, os.getpid()), dir=out_dir)
     try:
         report = _build(loaded=loaded, contract=contract, options=options, precisions=precisions,
                         calib_frames=calib_frames, val_frames=val_frames, gt_masks=gt_masks,
@@ -202,8 +213,7 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
         report.update(versions=vers, validation=val_info, contract=contract.to_dict(),
                       checkpoint=loaded.report, options=dataclasses.asdict(options),
                       quantization_options=dataclasses.asdict(quant))
-        if val_info.get("warning"):
-            report["warnings"].append(val_info["warning"])
+        report["warnings"].extend(val_info.get("warnings", []))
         report["fixes"] = (loaded.report["fixes"] + ["inferred " + i for i in
                                                      loaded.report["inferred"]] + report["fixes"])
         if val_info.get("same_as_calib"):
@@ -212,6 +222,8 @@ def convert(*, checkpoint, out_dir, arch=None, num_classes=None, input_channels=
         _publish(report=report, staging=staging, out_dir=out_dir, log=log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(out_dir):  # an export that stopped leaves no empty --out
+            os.rmdir(out_dir)
     log("export {}: {}".format("ok" if report["ok"] else "FAILED parity",
                                os.path.join(out_dir, REPORT_NAME)))
     return report
@@ -332,46 +344,77 @@ def _reference_ms(*, artifacts: List[dict], fp32_path: str, val_frames, quant) -
 def _publish(*, report: dict, staging: str, out_dir: str, log) -> None:
     """Move the staged artifacts into ``out_dir``; export.json last.
 
-    A model of an earlier export that this one does not replace (a precision not asked for again,
-    or one that now failed) must not pass for this export's, and must not be lost either: it moves
-    with the earlier export.json into ``previous/<UTC time>/``.
+    An export never deletes or overwrites an earlier one: its models and export.json move to
+    ``previous/<UTC time>/`` first (so none of them can pass for this export's either).  A model
+    that failed is stamped as such in its own metadata (``edgeseg.validation``), so a renamed copy
+    is still refused by ``edgeseg deploy``.
     """
     old_report = os.path.join(out_dir, REPORT_NAME)
-    names = {artifact_name(a["precision"], a["ok"]) for a in report["artifacts"]}
-    stale = [artifact_name(p, ok) for p in PRECISIONS for ok in (True, False)
-             if artifact_name(p, ok) not in names
-             and os.path.exists(os.path.join(out_dir, artifact_name(p, ok)))]
-    if stale:
-        _keep_previous(stale=stale, old_report=old_report, out_dir=out_dir, report=report, log=log)
-    elif os.path.exists(old_report):
-        os.unlink(old_report)
+    earlier = [name for name in (artifact_name(p, ok) for p in PRECISIONS for ok in (True, False))
+               if os.path.exists(os.path.join(out_dir, name))]
+    if earlier or os.path.exists(old_report):
+        _keep_previous(earlier=earlier, old_report=old_report, out_dir=out_dir, report=report,
+                       log=log)
     for art in report["artifacts"]:
         name = artifact_name(art["precision"], art["ok"])
         final = os.path.join(out_dir, name)
+        if not art["ok"]:
+            mark_failed(art["staged"], failures=art["failures"])
         art.update(bytes=os.path.getsize(art["staged"]), sha256=file_sha256(art["staged"]),
                    path=final, file=name)
         os.replace(art.pop("staged"), final)
     write_json(old_report, report)
 
 
-def _keep_previous(*, stale: List[str], old_report: str, out_dir: str, report: dict,
+def mark_failed(path: str, *, failures: Sequence[str]) -> None:
+    """Record in the model's ``metadata_props`` that it failed validation, and why."""
+    import onnx
+
+    proto = onnx.load(path)
+    prop = proto.metadata_props.add()
+    prop.key = VALIDATION_KEY
+    prop.value = json.dumps({"ok": False, "failures": list(failures)})
+    save_atomic(proto, path)
+
+
+def _keep_previous(*, earlier: List[str], old_report: str, out_dir: str, report: dict,
                    log) -> None:
-    """Move ``stale`` models (and the export.json that describes them) to previous/<time>/."""
+    """Move the ``earlier`` models and their export.json to previous/<time>/."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     keep = os.path.join(out_dir, "previous", stamp)
     suffix = 1
     while os.path.exists(keep):
         keep, suffix = os.path.join(out_dir, "previous", "{}-{}".format(stamp, suffix)), suffix + 1
     os.makedirs(keep)
+    moved = list(earlier)
     if os.path.exists(old_report):
         os.replace(old_report, os.path.join(keep, REPORT_NAME))
-    for name in stale:
+        moved.append(REPORT_NAME)
+    for name in earlier:
         os.replace(os.path.join(out_dir, name), os.path.join(keep, name))
-    message = "moved {} of the earlier export to {} (this export did not write {})".format(
-        ", ".join(stale), keep, "it" if len(stale) == 1 else "them")
+    message = "moved the earlier export ({}) to {}".format(", ".join(moved), keep)
     report["warnings"].append(message)
-    report["previous"] = {"folder": keep, "files": stale}
-    log("warning: " + message)
+    report["previous"] = {"folder": keep, "files": moved}
+    log("note: " + message)
 
 
-__all__ = ["convert", "artifact_name", "build_contract", "versions", "PRECISIONS"]
+def _stale_staging(out_dir: str) -> None:
+    """Remove staging folders of exports that were killed (their process is gone)."""
+    for entry in os.scandir(out_dir):
+        parts = entry.name.split("-")
+        if (entry.is_dir() and entry.name.startswith(STAGING_PREFIX) and len(parts) > 2
+                and parts[1].isdigit() and not _alive(int(parts[1]))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+__all__ = ["convert", "mark_failed", "artifact_name", "build_contract", "versions", "PRECISIONS"]

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from edgeseg.device.contract import Contract
+from edgeseg.device.contract import VALIDATION_KEY, Contract
 from edgeseg.device.files import file_sha256
 
 from .agentpack import build_agent
@@ -65,7 +65,21 @@ def validate_model(*, model_path) -> Contract:
         raise ModelError("{} is not an ONNX model (no graph in it).".format(path),
                          "Pass the .onnx file written by 'edgeseg export'.")
     metadata = {prop.key: prop.value for prop in model.metadata_props}
+    if VALIDATION_KEY in metadata:
+        try:
+            failures = json.loads(metadata[VALIDATION_KEY]).get("failures")
+        except (ValueError, AttributeError):
+            failures = None
+        failures = failures or ["no reason recorded"]
+        raise _failed(path, "recorded in the file: " + "; ".join(failures))
     return Contract.from_metadata(metadata, source=str(path))
+
+
+def _failed(path, why: str) -> ModelError:
+    return ModelError("{} failed validation when it was exported ({}); it is not deployed."
+                      .format(path, why),
+                      "Deploy a model that passed (model.<precision>.onnx), or re-export: more "
+                      "calibration images, --calibration auto, a looser --max-iou-drop.")
 
 
 def python_not_found(*, target, python: str, detail: str) -> TargetError:
@@ -201,10 +215,7 @@ def deploy(*, target, model_path, install_dir: str = "~/.edgeseg", python: str =
     log = log or _quiet
     name = Path(model_path).name
     if name.endswith(FAILED_SUFFIX):
-        raise ModelError("{} failed validation when it was exported (its reasons are in the "
-                         "export.json beside it); it is not deployed.".format(model_path),
-                         "Deploy a model that passed (model.<precision>.onnx), or re-export: "
-                         "more calibration images, --calibration auto, a looser --max-iou-drop.")
+        raise _failed(model_path, "its reasons are in the export.json beside it")
     contract = validate_model(model_path=model_path)
     model_sha = file_sha256(model_path)
     root = target.resolve(install_dir)

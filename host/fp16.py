@@ -48,10 +48,10 @@ def gpu_available() -> bool:
 
 def cpu_warning(*, fp32_ms: float, fp16_ms: float) -> str:
     """The warning printed when FP16 is built for a CPU target, with the measured latencies."""
-    ratio = fp16_ms / fp32_ms if fp32_ms > 0 else float("nan")
-    return ("FP16 on CPU: median {:.1f} ms vs FP32 {:.1f} ms ({:.2f}x); FP16 is meant for "
-            "CUDA/TensorRT targets (Jetson); use fp32 or int8 on CPU".format(
-                fp16_ms, fp32_ms, ratio))
+    speedup = fp32_ms / fp16_ms if fp16_ms > 0 else float("nan")
+    return ("FP16 on CPU: median {:.1f} ms vs FP32 {:.1f} ms (speed-up {:.2f}x, as in the "
+            "table); FP16 is meant for CUDA/TensorRT targets (Jetson); use fp32 or int8 on CPU"
+            .format(fp16_ms, fp32_ms, speedup))
 
 
 def convert_fp16(*, fp32_path: str, out_path: str, contract: Contract,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Callable, List
+
+import numpy as np
 
 from edgeseg.device.sources import sample_frames, uri_to_path
 
@@ -35,10 +38,11 @@ def gather_frames(*, calib, val, calib_count: int, need_calib: bool,
         log("{} calibration frames from {}, {} validation frames ({})".format(
             len(calib_frames), calib, len(val_frames), info["source"]))
         if len(calib_frames) < MIN_CALIB_WARN:
-            info["warning"] = ("only {} calibration images (fewer than {}): INT8 activation ranges "
-                               "may not cover real inputs; give --calib more images like those "
-                               "the device will see".format(len(calib_frames), MIN_CALIB_WARN))
-            log("warning: " + info["warning"])
+            info.setdefault("warnings", []).append(
+                "only {} calibration images (fewer than {}): INT8 activation ranges may not "
+                "cover real inputs; give --calib more images like those the device will see"
+                .format(len(calib_frames), MIN_CALIB_WARN))
+            log("warning: " + info["warnings"][-1])
     return calib_frames, val_frames, info
 
 
@@ -55,7 +59,34 @@ def _separate_val(*, calib, val, calib_count: int, need_calib: bool, log) -> tup
             log("warning: --val is the same source as --calib; validation images were also "
                 "used for calibration")
         calib_frames = sample_frames(calib, count=calib_count)
+        if not info.get("same_as_calib"):
+            calib_frames = _without_val(calib_frames=calib_frames, val_frames=val_frames,
+                                        info=info, log=log)
     return calib_frames, val_frames, info
+
+
+def _without_val(*, calib_frames: List, val_frames: List, info: dict, log) -> List:
+    """Calibration frames minus any whose pixels equal a validation frame's (overlapping globs)."""
+    seen = {_digest(f) for f in val_frames}
+    kept = [f for f in calib_frames if _digest(f) not in seen]
+    dropped = len(calib_frames) - len(kept)
+    if dropped and not kept:
+        raise UsageError("Every --calib image is also a --val image ({} of them); validation "
+                         "images must not be calibration images.".format(dropped),
+                         "Pass --val images that are not in --calib, or leave --val out to hold "
+                         "out part of --calib.")
+    if dropped:
+        info["dropped_from_calib"] = dropped
+        info.setdefault("warnings", []).append(
+            "{} --calib image(s) are also --val images and were not used for calibration"
+            .format(dropped))
+        log("warning: " + info["warnings"][-1])
+    return kept
+
+
+def _digest(frame) -> str:
+    image = np.ascontiguousarray(frame.image)
+    return hashlib.sha256(str(image.shape).encode() + image.tobytes()).hexdigest()
 
 
 def _held_out(*, calib, calib_count: int) -> tuple:

@@ -143,6 +143,8 @@ def choose_method(*, job: _Job, method: str) -> tuple:
         iou = job.vs_fp32(path)["mask_iou"]
         tried.append({"method": name, "iou_vs_fp32": round(iou, 6), "seconds": info["seconds"],
                       "calibration_frames": info["calibration_frames"]})
+        if "capped_from" in info:  # the histogram methods' memory cap, for every method tried
+            tried[-1]["capped_from"] = info["capped_from"]
         job.log("calibration {}: mask IoU vs FP32 {:.4f} ({:.1f} s)".format(
             name, iou, info["seconds"]))
         if best is None or iou > best[2]:

@@ -147,6 +147,15 @@ def test_output_folder_that_cannot_be_created(small_checkpoint, tmp_path):
     assert_clear_error(out, "Cannot create the output folder")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_output_folder_where_no_folder_can_be_made(small_checkpoint, tmp_path):
+    # /proc looks writable to root by its permission bits, yet refuses new folders
+    out = edgeseg("export", small_checkpoint, "--out", "/proc/edgeseg-out", "--precision", "fp32",
+                  "--val", tmp_path)
+    assert_clear_error(out, "Cannot create the output folder /proc/edgeseg-out",
+                       "creating a folder in /proc failed")
+
+
 @pytest.mark.parametrize("args, words", [
     (["export", "m.pth", "--out", "o", "--num-classes", "0"], "--num-classes"),
     (["profile", "local", "--source", "x", "--frames", "0"], "--frames"),
@@ -177,3 +186,28 @@ def test_quickstart_out_that_is_a_file(tmp_path):
 def test_deploying_a_folder_says_it_is_a_folder(tmp_path):
     out = edgeseg("deploy", "local", tmp_path, "--install-dir", tmp_path / "dev")
     assert_clear_error(out, "is a folder")
+
+
+def test_a_terminated_export_leaves_nothing_behind(small_checkpoint, tmp_path):
+    import signal
+    import time
+
+    val = nuclei_folder(tmp_path / "val", 2, 64)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.fp32.onnx").write_bytes(b"the earlier good model")
+    (out / "export.json").write_text('{"ok": true}')
+    proc = subprocess.Popen([sys.executable, "-m", "edgeseg.host.cli", "export",
+                             str(small_checkpoint), "--out", str(out), "--val", str(val),
+                             "--precision", "fp32", "--size", "256", "--measure-runs", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".export-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()  # still working in its staging folder
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.fp32.onnx"]
+    assert (out / "model.fp32.onnx").read_bytes() == b"the earlier good model"

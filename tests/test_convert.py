@@ -11,6 +11,7 @@ import pytest
 
 import edgeseg.host.tuning as tuning_mod
 import edgeseg.host.validate as validate_mod
+from edgeseg.device.contract import VALIDATION_KEY
 from edgeseg.device.errors import EdgesegError
 from edgeseg.device.runner import Runner
 from edgeseg.host.convert import convert
@@ -91,7 +92,7 @@ def test_held_out_part_of_calib_validates_and_is_never_calibrated(tmp_path, nest
     monkeypatch.setattr(validate_mod, "validate_artifact", validate_spy)
     report = convert(checkpoint=nested_ckpt, out_dir=tmp_path / "out", size=[SIZE, SIZE],
                      calib=str(calib_dir), calib_count=6, log=quiet)
-    warning = report["validation"].pop("warning")
+    (warning,) = report["validation"].pop("warnings")
     assert report["validation"] == {"source": "held-out of --calib", "images": 2, "every": 4,
                                     "calibration_images": 6}
     assert "only 6 calibration images (fewer than 16)" in warning
@@ -128,10 +129,38 @@ def test_failed_parity_is_published_only_under_the_failed_name(tmp_path, nested_
     assert json.loads((out / "export.json").read_text())["ok"] is False
     # the earlier good model is not lost: it moved aside with the report that described it
     (kept,) = (out / "previous").iterdir()
-    assert report["previous"] == {"folder": str(kept), "files": ["model.fp32.onnx"]}
+    assert report["previous"] == {"folder": str(kept), "files": ["model.fp32.onnx", "export.json"]}
     assert (kept / "model.fp32.onnx").read_bytes() == b"stale model of an earlier export"
     assert json.loads((kept / "export.json").read_text()) == {"ok": True}
     assert any("earlier export" in w and str(kept) in w for w in report["warnings"])
+    # the failure travels inside the file: a renamed copy still says it failed, and why
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.fp32.failed.onnx")).metadata_props}
+    stamp = json.loads(meta[VALIDATION_KEY])
+    assert stamp == {"ok": False, "failures": art["failures"]}
+    assert _sha(out / "model.fp32.failed.onnx") == art["sha256"]
+
+
+def test_reexport_moves_the_earlier_models_aside_and_clears_dead_staging(tmp_path, nested_ckpt,
+                                                                         val_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / ".export-999999999-abc"  # left by an export that was killed (no such pid)
+    live = out / ".export-{}-xyz".format(os.getpid())  # an export still running
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "model.fp32.onnx").write_bytes(b"half-written")
+    first = convert(checkpoint=nested_ckpt, out_dir=out, precisions=("fp32",), val=str(val_dir),
+                    log=quiet)
+    assert not dead.exists() and live.exists()
+    assert "previous" not in first and not (out / "previous").exists()
+    second = convert(checkpoint=nested_ckpt, out_dir=out, precisions=("fp32",),
+                     val=str(val_dir), log=quiet)
+    (kept,) = (out / "previous").iterdir()  # same precision again: the earlier one is kept
+    assert second["previous"]["files"] == ["model.fp32.onnx", "export.json"]
+    assert _sha(kept / "model.fp32.onnx") == first["artifacts"][0]["sha256"]
+    assert json.loads((kept / "export.json").read_text())["artifacts"][0]["sha256"] == \
+        first["artifacts"][0]["sha256"]
+    assert _sha(out / "model.fp32.onnx") == second["artifacts"][0]["sha256"]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 from sshd import sshd_server  # noqa: F401  (pytest fixture)
 
 from edgeseg.host.agentpack import build_agent
+from edgeseg.host.convert import mark_failed
 from edgeseg.host.deploy import deploy, upload_verified, validate_model
 from edgeseg.host.errors import DeployError, ModelError, TargetError
 from edgeseg.host.profile import profile
@@ -104,6 +105,17 @@ def test_deploy_refuses_a_model_that_failed_export_validation(tiny_onnx, tmp_pat
         deploy(target=target, model_path=failed, install_dir=str(install), python=PY)
     assert "failed validation" in str(err.value) and "export.json" in str(err.value)
     assert not install.exists()  # refused before anything reached the device
+
+
+def test_a_renamed_copy_of_a_failed_model_is_still_refused(tiny_onnx, tmp_path):
+    renamed = tmp_path / "renamed.onnx"
+    renamed.write_bytes(tiny_onnx.read_bytes())
+    mark_failed(str(renamed), failures=["mask IoU vs PyTorch 0.41 < 0.98"])
+    install = tmp_path / "inst"
+    with open_target("local") as target, pytest.raises(ModelError) as err:
+        deploy(target=target, model_path=renamed, install_dir=str(install), python=PY)
+    assert "failed validation" in str(err.value) and "0.41 < 0.98" in str(err.value)
+    assert not install.exists()
 
 
 @pytest.mark.ssh

@@ -218,3 +218,17 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, kwargs):
     with pytest.raises(UsageError):
         tuning.build_int8(**args)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_auto_lists_the_memory_cap_of_each_histogram_method(fp32, tmp_path, monkeypatch):
+    from edgeseg.host import calibration
+    from edgeseg.host.calibration import activation_bytes
+
+    per_frame = activation_bytes(model=onnx.load(str(fp32)), contract=CONTRACT)
+    monkeypatch.setattr(calibration, "HISTOGRAM_BUDGET", 3 * per_frame + 1)
+    (tmp_path / "model.fp32.onnx").write_bytes(fp32.read_bytes())
+    tried = {t["method"]: t for t in _build(tmp_path, method="auto")["methods_tried"]}
+    assert "capped_from" not in tried["minmax"] and tried["minmax"]["calibration_frames"] == 8
+    for name in ("entropy", "percentile"):
+        assert tried[name]["calibration_frames"] == 3 and tried[name]["capped_from"] == 8
