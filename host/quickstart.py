@@ -8,6 +8,7 @@ expert ground truth on the held-out quarter.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def quickstart(*, out_dir="edgeseg-quickstart", frames: int = 40, log=None) -> d
     ckpt_dir = Path(demo_checkpoint(log=log))
     train_info = json.loads((ckpt_dir / "train.json").read_text())
     sources = build_sources(out_dir=out / "sources", log=log)
+    # the demo's own models, rebuilt from the cached checkpoint on every run: an earlier run's are
+    # replaced, not kept in models/previous/ as edgeseg export keeps a user's
+    shutil.rmtree(out / "models", ignore_errors=True)
     export = convert(checkpoint=str(ckpt_dir / "model.pth"), out_dir=str(out / "models"),
                      size=[SCAN, SCAN], precisions=("fp32", "int8"), calib=sources["nuclei_calib"],
                      val=sources["nuclei_val"], val_masks=sources["nuclei_val_masks"], log=log)
