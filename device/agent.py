@@ -61,6 +61,9 @@ def run_agent(*, model: str, source: str, frames: int, warmup: int = 5,
         _writable_folder(os.path.dirname(os.path.abspath(os.path.expanduser(report))), "--report")
     runner = Runner(model, providers=providers, threads=threads)
     contract = runner.contract
+    if runner.export_failures:
+        log("edgeseg-agent: warning: this model failed validation when it was exported ({}); "
+            "its masks may be wrong".format("; ".join(runner.export_failures)))
     sink = open_sink(save_masks)
     times = {stage: [] for stage in STAGES}
     ages = []
@@ -113,6 +116,7 @@ def run_agent(*, model: str, source: str, frames: int, warmup: int = 5,
         "model": os.path.abspath(model),
         "model_sha256": file_sha256(model),
         "precision": contract.precision,
+        "export_failures": runner.export_failures,
         "input_size": list(input_size_for(last_frame.image.shape[:2], contract)),
         "frame_size": list(last_frame.image.shape[:2]),
         "source": source,

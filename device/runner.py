@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .contract import Contract
+from .contract import VALIDATION_KEY, Contract
 from .errors import ModelError, UsageError
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -88,6 +89,7 @@ class Runner:
         self.providers = self.session.get_providers()
         meta = self.session.get_modelmeta().custom_metadata_map
         self.contract = Contract.from_metadata(meta, source=model_path)
+        self.export_failures = failures_recorded(meta)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         # The final logits: the contract's output (a model exported with every head has several).
@@ -108,3 +110,15 @@ class Runner:
         """Every output of the model by name (all heads of a deep-supervision export)."""
         values = self.session.run(self.output_names, {self.input_name: batch})
         return dict(zip(self.output_names, values))
+
+
+def failures_recorded(metadata: dict) -> Optional[List[str]]:
+    """The validation failures 'edgeseg export' stamped into a model, or None for a model that passed."""
+    if VALIDATION_KEY not in metadata:
+        return None
+    try:
+        failures = json.loads(metadata[VALIDATION_KEY]).get("failures")
+    except (ValueError, AttributeError):
+        failures = None
+    return [str(f) for f in failures] if isinstance(failures, list) and failures else [
+        "no reason recorded"]

@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from edgeseg.device.contract import VALIDATION_KEY, Contract
+from edgeseg.device.contract import Contract
 from edgeseg.device.files import file_sha256
+from edgeseg.device.runner import failures_recorded
 
 from .agentpack import build_agent
 from .errors import DeployError, EdgesegError, ModelError, TargetError
@@ -65,12 +66,8 @@ def validate_model(*, model_path) -> Contract:
         raise ModelError("{} is not an ONNX model (no graph in it).".format(path),
                          "Pass the .onnx file written by 'edgeseg export'.")
     metadata = {prop.key: prop.value for prop in model.metadata_props}
-    if VALIDATION_KEY in metadata:
-        try:
-            failures = json.loads(metadata[VALIDATION_KEY]).get("failures")
-        except (ValueError, AttributeError):
-            failures = None
-        failures = failures or ["no reason recorded"]
+    failures = failures_recorded(metadata)
+    if failures:
         raise _failed(path, "recorded in the file: " + "; ".join(failures))
     return Contract.from_metadata(metadata, source=str(path))
 

@@ -118,6 +118,19 @@ def test_a_renamed_copy_of_a_failed_model_is_still_refused(tiny_onnx, tmp_path):
     assert not install.exists()
 
 
+def test_the_agent_warns_when_run_directly_on_a_failed_model(tiny_onnx, frames_dir, tmp_path):
+    from edgeseg.device.agent import run_agent
+
+    failed = tmp_path / "copy.onnx"
+    failed.write_bytes(tiny_onnx.read_bytes())
+    mark_failed(str(failed), failures=["max abs err 0.5 > 0.001"])
+    logs = []
+    report = run_agent(model=str(failed), source=str(frames_dir), frames=2, warmup=0,
+                       log=logs.append)
+    assert report["export_failures"] == ["max abs err 0.5 > 0.001"]
+    assert any("failed validation" in m and "0.5 > 0.001" in m for m in logs)
+
+
 @pytest.mark.ssh
 def test_deploy_names_missing_python(ssh_target, tiny_onnx, tmp_path):
     install = tmp_path / "inst"
